@@ -1,0 +1,5 @@
+"""Generation engines behind one small protocol (`Engine`)."""
+
+from duetlm.engines.base import Engine, Generation, SamplingParams
+
+__all__ = ["Engine", "Generation", "SamplingParams"]

@@ -1,0 +1,60 @@
+"""The `Engine` protocol: what training, evaluation and serving need from a text generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding options. `temperature=0` means greedy (top_p/top_k ignored).
+
+    `stop`: strings that end a sample; the stop string is kept in `text` and in `token_ids` (the trainer
+    must train on the token that ended the sample). `stop_token_ids`: token ids that end a sample
+    (the tokenizer's EOS is always one). `n`: samples per prompt. `seed`: makes sampling reproducible for
+    the whole call. `logprobs`: return the log-probability of each generated token under the sampling
+    distribution *before* temperature/top-k/top-p (the policy's own log-prob, which GRPO needs).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    seed: int | None = None
+    logprobs: bool = False
+
+
+@dataclass
+class Generation:
+    """One sample. `token_ids` are the generated ids only (no prompt, no padding)."""
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A text generator. `prompts` are already-templated strings (see `duetlm.protocol`).
+
+    Returns one list per prompt with `sampling.n` generations each.
+    """
+
+    name: str
+
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[list[Generation]]: ...
+
+    def count_tokens(self, text: str) -> int: ...
