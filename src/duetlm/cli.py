@@ -25,6 +25,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """DUET: a large model thinks, a small model answers. Train, evaluate and serve model pairs."""
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn `DuetError` (and missing files) into `error: ...` on stderr and exit code 1."""
 
@@ -75,4 +80,6 @@ def infer(
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative
+    app()
+if __name__ == "__main__":
     app()

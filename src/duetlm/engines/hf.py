@@ -1,0 +1,203 @@
+"""`HFEngine`: batched generation with transformers models, written for RL rollouts.
+
+Our own decoding loop rather than `model.generate`, because rollouts need, per sample, the exact
+generated ids, the finish reason, and the policy's log-prob of each token (log-softmax of the raw
+logits, before temperature and top-k/top-p: that is pi_old in PPO's ratio), with stop strings and stop
+ids that end one sample while the rest of the batch goes on.
+
+Left padding with position ids taken from the attention mask, so a padded row computes exactly what it
+would alone; a KV cache; finished rows are dropped from the batch as they finish, so a few long samples
+do not make the whole batch pay for padding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from duetlm.engines.base import Generation, SamplingParams
+
+
+@dataclass
+class EngineStats:
+    """Counters for throughput reporting."""
+
+    calls: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering on (B, V) logits; removed entries become -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Remove a token when the mass before it already reaches top_p (the first token always stays).
+        remove = (probs.cumsum(-1) - probs) >= top_p
+        remove_orig = torch.zeros_like(remove).scatter(-1, order, remove)
+        logits = logits.masked_fill(remove_orig, float("-inf"))
+    return logits
+
+
+class HFEngine:
+    """The `Engine` protocol over a transformers causal LM.
+
+    `max_batch_size` caps the number of sequences decoded together (prompts x n).
+    """
+
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 64) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.stats = EngineStats()
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            eos.add(gen_eos)
+        elif gen_eos:
+            eos.update(gen_eos)
+        self.eos_ids: frozenset[int] = frozenset(eos)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        # Prompts come from the chat template, which already holds every special token needed.
+        return [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[list[Generation]]:
+        return self.generate_ids(self.encode(prompts), sampling)
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[list[Generation]]:
+        """Like `generate`, from token ids (the trainer and the truncation baseline use ids)."""
+        start = time.perf_counter()
+        if any(len(p) == 0 for p in prompt_ids):
+            bad = next(i for i, p in enumerate(prompt_ids) if len(p) == 0)
+            raise ValueError(f"prompt {bad} is empty after tokenisation")
+        flat = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(sampling.n)]
+        gen = None
+        if sampling.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        out: list[list[Generation]] = [[] for _ in prompt_ids]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for lo in range(0, len(flat), self.max_batch_size):
+                chunk = flat[lo : lo + self.max_batch_size]
+                for (pi, ids), g in zip(
+                    chunk, self._decode([c[1] for c in chunk], sampling, gen), strict=True
+                ):
+                    g.prompt_index = pi
+                    g.prompt_token_ids = list(ids)
+                    out[pi].append(g)
+        finally:
+            self.model.train(was_training)
+        self.stats.calls += 1
+        self.stats.generated_tokens += sum(g.num_tokens for gs in out for g in gs)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def _decode(
+        self, prompts: list[list[int]], sp: SamplingParams, gen: torch.Generator | None
+    ) -> list[Generation]:
+        device = self.device
+        bsz = len(prompts)
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((bsz, width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((bsz, width), dtype=torch.long, device=device)
+        for r, p in enumerate(prompts):
+            input_ids[r, width - len(p) :] = torch.tensor(p, device=device)
+            mask[r, width - len(p) :] = 1
+        stop_ids = torch.tensor(
+            sorted(self.eos_ids | set(sp.stop_token_ids)), device=device, dtype=torch.long
+        )
+        max_stop_chars = max((len(s) for s in sp.stop), default=0)
+
+        tokens: list[list[int]] = [[] for _ in range(bsz)]
+        logps: list[list[float]] = [[] for _ in range(bsz)]
+        finish: list[str | None] = [None] * bsz
+        alive = torch.arange(bsz, device=device)  # rows of the original batch still decoding
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        past = None
+        step_ids, step_pos = input_ids, positions
+        for _ in range(sp.max_new_tokens):
+            outputs = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                cache=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            past = outputs.past_key_values if getattr(outputs, "cache", None) is None else outputs.cache
+            logits = outputs.logits[:, -1, :].float()  # (b, V)
+            if sp.temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(_filter_logits(logits / sp.temperature, sp.top_k, sp.top_p), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            lp = (
+                torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+                if sp.logprobs
+                else None
+            )
+            done = torch.isin(nxt, stop_ids)
+            nxt_list, done_list = nxt.tolist(), done.tolist()
+            lp_list = lp.tolist() if lp is not None else None
+            for k, row in enumerate(alive.tolist()):
+                tokens[row].append(nxt_list[k])
+                if lp_list is not None:
+                    logps[row].append(lp_list[k])
+                if done_list[k]:
+                    finish[row] = "stop"
+                elif max_stop_chars:
+                    tail = self.tokenizer.decode(
+                        tokens[row][-(max_stop_chars + 4) :], skip_special_tokens=False
+                    )
+                    if any(s in tail for s in sp.stop):
+                        finish[row] = "stop"
+                        done_list[k] = True
+            keep = torch.tensor([not d for d in done_list], device=device)
+            if not keep.any():
+                break
+            # Drop finished rows from the batch and the cache (why: long stragglers should not pay
+            # for padded dead rows in every later forward pass).
+            if not keep.all():
+                idx = keep.nonzero().squeeze(-1)
+                alive, nxt = alive[idx], nxt[idx]
+                mask, positions = mask[idx], positions[idx]
+                past.batch_select_indices(idx)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            positions = positions[:, -1:] + 1
+            step_ids, step_pos = nxt[:, None], positions
+
+        results = []
+        for row in range(bsz):
+            ids = tokens[row]
+            reason = finish[row] or "length"
+            text_ids = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+            results.append(
+                Generation(
+                    prompt_index=-1,
+                    token_ids=ids,
+                    text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
+                    finish_reason=reason,  # type: ignore[arg-type]
+                    logprobs=logps[row][: len(ids)] if sp.logprobs else None,
+                )
+            )
+        return results

@@ -1,0 +1,136 @@
+"""The M -> z -> m protocol: the one place that builds prompts and parses signals (algorithm.md §1).
+
+- M's prompt: M's chat template over the question plus `LARGE_INSTRUCTION`, thinking enabled. M stops
+  at the end-of-thinking marker (`</think>`), so it never writes an answer we would throw away
+  (**Decision** vs the reference, which lets M answer and discards it).
+- The signal z: `extract_signal` on M's output (three cases; a missing opening tag is stripped and
+  the signal marked incomplete, a **Decision** vs the reference, which keeps the tag).
+- m's prompt: m's chat template, the bare question as the user turn, and an assistant turn that opens
+  with `<think>\\n{z}\\n</think>\\n\\n`, which m continues. The prompt without a signal is the same
+  builder with z = "" (exactly Qwen3's `enable_thinking=False` prompt), so the two prompts differ only
+  by the signal (**Decision**: the reference builds them differently).
+
+Templates without a thinking block (e.g. SmolLM2's ChatML). Fallback, documented: the same text-level
+protocol is applied on top of whatever template the tokenizer has. M's assistant turn is pre-filled with
+`<think>\\n` (so it starts thinking) and M stops at the `</think>` string; m's assistant turn is
+pre-filled with the thinking block as plain text. For Qwen3-style templates (the tags are tokens of the
+vocabulary, the template knows `enable_thinking`) nothing is pre-filled for M: the model opens the
+block itself, exactly as at deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+LARGE_INSTRUCTION = " Let's think step by step and output the final answer within \\boxed{}."
+CONCISE_INSTRUCTION = (
+    " Note that you should keep the reasoning concise: include only essential reasoning steps and "
+    "avoid repetition or unnecessary explanations."
+)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """The reasoning signal z that M hands to m.
+
+    `text`: the thinking, stripped. `complete`: True when M closed its thinking block (it did not run out
+    of tokens).
+    """
+
+    text: str
+    complete: bool
+
+
+def extract_signal(text: str) -> Signal:
+    """z from M's raw output (algorithm.md §1).
+
+    - both tags: the text between the first `<think>` and the first `</think>` after it;
+    - only `</think>`: everything before it (the template opened the block);
+    - neither: the whole response (M ran out of tokens), `complete=False`; a leading `<think>` with no
+      closing tag is removed.
+    Text after `</think>` (an answer M should not have written) is ignored.
+    """
+    close = text.find(THINK_CLOSE)
+    if close == -1:
+        body = text.lstrip()
+        if body.startswith(THINK_OPEN):
+            body = body[len(THINK_OPEN) :]
+        return Signal(body.strip(), complete=False)
+    head = text[:close]
+    open_at = head.find(THINK_OPEN)
+    if open_at != -1:
+        head = head[open_at + len(THINK_OPEN) :]
+    return Signal(head.strip(), complete=True)
+
+
+def supports_thinking(tokenizer: Any) -> bool:
+    """True for Qwen3-style tokenizers: the thinking tags are single tokens and the template knows
+    `enable_thinking` (so M opens the thinking block by itself)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "enable_thinking" not in template:
+        return False
+    vocab = tokenizer.get_vocab()
+    return THINK_OPEN in vocab and THINK_CLOSE in vocab
+
+
+def _chat(tokenizer: Any, user: str, enable_thinking: bool) -> str:
+    """The chat template over one user turn, ending with the opening of the assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        # A base model without a template: a minimal plain-text format.
+        return f"Question: {user}\nAnswer: "
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+    )
+
+
+def thinking_block(signal: str) -> str:
+    """The assistant-turn prefix that carries z (empty z gives Qwen3's empty thinking block)."""
+    return f"{THINK_OPEN}\n{signal}\n{THINK_CLOSE}\n\n" if signal else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
+
+
+def large_prompt(tokenizer: Any, question: str, instruction: str = LARGE_INSTRUCTION) -> str:
+    """M's prompt: the question plus the instruction, thinking on (algorithm.md §1)."""
+    prompt = _chat(tokenizer, question + instruction, enable_thinking=True)
+    if not supports_thinking(tokenizer):
+        prompt += THINK_OPEN + "\n"  # the fallback: pre-fill the opening tag
+    return prompt
+
+
+def small_prompt(tokenizer: Any, question: str, signal: str | None = None) -> str:
+    """m's prompt, with z (`signal`) or without it (`None` or ""); one builder for both."""
+    # enable_thinking=True keeps the template from inserting its own empty block; we insert ours.
+    return _chat(tokenizer, question, enable_thinking=True) + thinking_block(signal or "")
+
+
+def large_answer_prompt(
+    tokenizer: Any, question: str, thinking: str, instruction: str = LARGE_INSTRUCTION
+) -> str:
+    """M's prompt after its (possibly truncated) thinking, with the block closed, so that M itself
+    writes the answer: budget forcing (the truncation baseline, algorithm.md §5)."""
+    prompt = _chat(tokenizer, question + instruction, enable_thinking=True)
+    return prompt + f"{THINK_OPEN}\n{thinking.strip()}\n{THINK_CLOSE}\n\n"
+
+
+def large_stop() -> tuple[str, ...]:
+    """Stop strings for M's rollouts: the end-of-thinking marker (algorithm.md §1, Decision)."""
+    return (THINK_CLOSE,)
+
+
+def large_stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """`</think>` as a token id where the vocabulary has it (a cheaper, exact stop)."""
+    vocab = tokenizer.get_vocab()
+    return (vocab[THINK_CLOSE],) if THINK_CLOSE in vocab else ()
+
+
+def split_response(text: str) -> tuple[str, str]:
+    """(thinking, answer) of a full response from M alone (the `original` baseline)."""
+    close = text.find(THINK_CLOSE)
+    if close == -1:
+        return extract_signal(text).text, ""
+    return extract_signal(text).text, text[close + len(THINK_CLOSE) :].strip()
