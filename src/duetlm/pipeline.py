@@ -18,10 +18,14 @@ from duetlm.protocol import Signal
 
 @dataclass
 class DuetResult:
-    """One pass of one problem through M -> z -> m.
+    """One pass of one problem through M -> z -> m (or through one inference baseline).
 
-    `large_tokens`: tokens M generated (|z| plus the stop marker; the paper's M tokens).
+    `signal`: M's thinking (z). `answer`: the text that is graded.
+    `large_tokens`: tokens M generated (|z| plus the stop marker for DUET; the paper's M tokens).
     `small_tokens`: tokens m generated for its answer.
+    `large_finish` / `small_finish`: how M's last generation / m's generation ended ("stop", "length",
+    or "" for a model the method does not use). `think_finish`: how M's thinking phase ended, where it
+    is a generation of its own (DUET, truncation).
     """
 
     question: str
@@ -34,6 +38,7 @@ class DuetResult:
     large: Generation | None = None
     small: Generation | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    think_finish: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,16 +95,18 @@ class DuetPipeline:
         params = self.small_sampling if n is None else replace(self.small_sampling, n=n)
         return self.small.generate(prompts, params)
 
-    def run(self, questions: list[str]) -> list[DuetResult]:
-        """Each question through M -> z -> m, one sample each (greedy unless the sampling says not)."""
-        for i, q in enumerate(questions):
-            if not q or not q.strip():
-                raise DuetError(f"question {i} is empty")
+    def run(self, questions: list[str], seed: int | None = None) -> list[DuetResult]:
+        """Each question through M -> z -> m, one sample each (greedy unless the sampling says not).
+
+        `seed` overrides both samplings' seeds for this call (the evaluator seeds each batch).
+        """
+        _check_questions(questions)
+        pipe = self.seeded(seed)
         t0 = time.perf_counter()
-        large = [gs[0] for gs in self.think(questions)]
+        large = [gs[0] for gs in pipe.think(questions)]
         t1 = time.perf_counter()
         signals = [protocol.extract_signal(g.text) for g in large]
-        small = [gs[0] for gs in self.answer(questions, [s.text for s in signals], n=1)]
+        small = [gs[0] for gs in pipe.answer(questions, [s.text for s in signals], n=1)]
         t2 = time.perf_counter()
         timings = {"large_s": t1 - t0, "small_s": t2 - t1, "total_s": t2 - t0, "batch_size": len(questions)}
         return [
@@ -114,9 +121,147 @@ class DuetPipeline:
                 large=g,
                 small=y,
                 timings=timings,
+                think_finish=g.finish_reason,
             )
             for q, s, g, y in zip(questions, signals, large, small, strict=True)
         ]
+
+    # ---------------------------------------------------------------------------------------------
+    # Inference-only baselines (algorithm.md §5). They return `DuetResult`s so the evaluator treats
+    # every method alike: `signal` is M's thinking, `answer` the text that is graded, `large_tokens`
+    # every token M generated, `small_tokens` every token m generated.
+    #
+    # Token budgets, the same for every method so that comparisons are fair: M may think for
+    # `large_sampling.max_new_tokens` tokens, and the answer (m's, or M's own after its thinking) may
+    # take `small_sampling.max_new_tokens` tokens.
+    # ---------------------------------------------------------------------------------------------
+
+    def seeded(self, seed: int | None) -> DuetPipeline:
+        """This pipeline with both samplings' seeds set to `seed` (itself when `seed` is None)."""
+        if seed is None:
+            return self
+        return replace(
+            self,
+            large_sampling=replace(self.large_sampling, seed=seed),
+            small_sampling=replace(self.small_sampling, seed=seed),
+        )
+
+    def original(
+        self, questions: list[str], instruction: str | None = None, seed: int | None = None
+    ) -> list[DuetResult]:
+        """The paper's "original" baseline: M alone thinks, then writes its own answer in one go.
+
+        No stop at the end of thinking; M may generate thinking + answer budget tokens. The graded
+        `answer` is the text after `</think>`, or the whole response when M never closed the block.
+        `instruction` replaces M's instruction (the prompt-based baseline appends the concise one).
+        """
+        _check_questions(questions)
+        tok = _tokenizer(self.large)
+        instruction = self.large_instruction if instruction is None else instruction
+        prompts = [protocol.large_prompt(tok, q, instruction) for q in questions]
+        params = replace(
+            self.large_sampling,
+            max_new_tokens=self.large_sampling.max_new_tokens + self.small_sampling.max_new_tokens,
+            n=1,
+            seed=self.large_sampling.seed if seed is None else seed,
+        )
+        t0 = time.perf_counter()
+        outs = [gs[0] for gs in self.large.generate(prompts, params)]
+        elapsed = time.perf_counter() - t0
+        timings = {"large_s": elapsed, "small_s": 0.0, "total_s": elapsed, "batch_size": len(questions)}
+        results = []
+        for q, g in zip(questions, outs, strict=True):
+            signal = protocol.extract_signal(g.text)
+            _, answer = protocol.split_response(g.text)
+            results.append(
+                DuetResult(
+                    question=q,
+                    signal=signal,
+                    # Graded on the whole text when the block never closed (the answer may be in it).
+                    answer=answer if signal.complete else g.text.strip(),
+                    large_tokens=g.num_tokens,
+                    small_tokens=0,
+                    large_finish=g.finish_reason,
+                    small_finish="",
+                    large=g,
+                    timings=timings,
+                )
+            )
+        return results
+
+    def concise(self, questions: list[str], seed: int | None = None) -> list[DuetResult]:
+        """The prompt-based baseline: `original` with the paper's concise instruction appended."""
+        return self.original(questions, self.large_instruction + protocol.CONCISE_INSTRUCTION, seed=seed)
+
+    def truncation(self, questions: list[str], budget: int, seed: int | None = None) -> list[DuetResult]:
+        """Budget forcing: M thinks for at most `budget` tokens; the thinking (cut at `budget` when M
+        had not closed it) goes into a closed thinking block (`protocol.large_answer_prompt`), and M
+        itself writes the answer. `large_tokens` = thinking tokens + answer tokens;
+        `signal.complete` says whether M closed its thinking within the budget."""
+        if budget < 1:
+            raise DuetError(f"truncation budget must be a positive number of tokens (got {budget})")
+        _check_questions(questions)
+        tok = _tokenizer(self.large)
+        pipe = self.seeded(seed)
+        t0 = time.perf_counter()
+        think_params = replace(pipe.large_params(), max_new_tokens=budget, n=1)
+        prompts = [protocol.large_prompt(tok, q, self.large_instruction) for q in questions]
+        thoughts = [gs[0] for gs in self.large.generate(prompts, think_params)]
+        signals = [protocol.extract_signal(g.text) for g in thoughts]
+        # The same builder closes a finished and a cut thinking block, so both paths answer alike.
+        answer_prompts = [
+            protocol.large_answer_prompt(tok, q, s.text, self.large_instruction)
+            for q, s in zip(questions, signals, strict=True)
+        ]
+        answer_params = replace(pipe.large_sampling, max_new_tokens=self.small_sampling.max_new_tokens, n=1)
+        answers = [gs[0] for gs in self.large.generate(answer_prompts, answer_params)]
+        elapsed = time.perf_counter() - t0
+        timings = {"large_s": elapsed, "small_s": 0.0, "total_s": elapsed, "batch_size": len(questions)}
+        return [
+            DuetResult(
+                question=q,
+                signal=s,
+                answer=a.text.strip(),
+                large_tokens=g.num_tokens + a.num_tokens,
+                small_tokens=0,
+                large_finish=a.finish_reason,
+                small_finish="",
+                large=a,
+                timings=timings,
+                think_finish=g.finish_reason,
+            )
+            for q, s, g, a in zip(questions, signals, thoughts, answers, strict=True)
+        ]
+
+    def small_only(self, questions: list[str], seed: int | None = None) -> list[DuetResult]:
+        """m alone: m's prompt without a signal (its thinking block empty), as in the unguided term
+        of marginal utility. No M tokens."""
+        _check_questions(questions)
+        pipe = self.seeded(seed)
+        t0 = time.perf_counter()
+        outs = [gs[0] for gs in pipe.answer(questions, [None] * len(questions), n=1)]
+        elapsed = time.perf_counter() - t0
+        timings = {"large_s": 0.0, "small_s": elapsed, "total_s": elapsed, "batch_size": len(questions)}
+        return [
+            DuetResult(
+                question=q,
+                signal=protocol.Signal("", complete=True),
+                answer=y.text.strip(),
+                large_tokens=0,
+                small_tokens=y.num_tokens,
+                large_finish="",
+                small_finish=y.finish_reason,
+                small=y,
+                timings=timings,
+            )
+            for q, y in zip(questions, outs, strict=True)
+        ]
+
+
+def _check_questions(questions: list[str]) -> None:
+    for i, q in enumerate(questions):
+        if not q or not q.strip():
+            raise DuetError(f"question {i} is empty")
 
 
 def _tokenizer(engine: Engine) -> Any:
