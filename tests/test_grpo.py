@@ -115,6 +115,15 @@ def test_compute_advantages_dispatch_and_unknown_name() -> None:
         compute_advantages("ppo", r, g)
 
 
+def test_empty_inputs_give_empty_outputs() -> None:
+    for name in ADVANTAGE_ESTIMATORS:
+        assert compute_advantages(name, torch.zeros(0), ids([])).shape == (0,)
+    assert token_logprobs(torch.zeros(2, 0, 5), torch.zeros(2, 0, dtype=torch.long), chunk_size=3).shape == (
+        2,
+        0,
+    )
+
+
 def test_advantages_reject_bad_shapes() -> None:
     with pytest.raises(ValueError, match="1-D"):
         group_advantages(torch.zeros(2, 2), ids([0, 0]))

@@ -210,11 +210,13 @@ def token_logprobs(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     seq_len = logits.shape[1]
+    if seq_len == 0:
+        return logits.new_zeros(labels.shape, dtype=torch.float32 if logits.dtype != torch.float64 else None)
     step = seq_len if chunk_size is None else chunk_size
     makes_copy = logits.dtype in (torch.float16, torch.bfloat16) or temperature != 1.0
     use_ckpt = makes_copy and torch.is_grad_enabled() and logits.requires_grad
     parts = []
-    for start in range(0, max(seq_len, 1), step):
+    for start in range(0, seq_len, step):
         lg, lb = logits[:, start : start + step], labels[:, start : start + step]  # (B, t, V), (B, t)
         if use_ckpt:
             parts.append(checkpoint(_logprobs_chunk, lg, lb, temperature, use_reentrant=False))
