@@ -95,7 +95,7 @@ def _unbiased_std(x: Tensor) -> Tensor:
     """Unbiased std of a 1-D float64 tensor; 0 when it has fewer than 2 entries."""
     if x.numel() < 2:
         return x.new_zeros(())
-    return x.std(unbiased=True)
+    return x.std(correction=1)
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, norm_std: bool = True, eps: float = 1e-6) -> Tensor:
@@ -142,7 +142,7 @@ def global_advantages(rewards: Tensor, group_ids: Tensor, norm_std: bool = True,
     """
     _check_rewards(rewards, group_ids)
     r = rewards.detach().to(torch.float64)  # (N,)
-    tied = (r.amax() == r.amin()) if r.numel() else torch.tensor(True)
+    tied = (r.amax() == r.amin()) if r.numel() else r.new_ones((), dtype=torch.bool)
     centred = torch.where(tied, torch.zeros_like(r), r - r.mean())  # (N,)
     if not norm_std:
         return centred.to(rewards.dtype)
