@@ -79,6 +79,49 @@ def infer(
     typer.echo(result["answer"])
 
 
+@app.command()
+@user_errors
+def serve(
+    large: Annotated[str | None, typer.Option(help="M: hub id, local dir, .gguf file or short name")] = None,
+    large_url: Annotated[
+        str | None, typer.Option(help="M behind an OpenAI-compatible server (vLLM, SGLang, duetlm)")
+    ] = None,
+    small: Annotated[str | None, typer.Option(help="m (role duet): hub id, dir, .gguf, short name")] = None,
+    role: Annotated[str, typer.Option(help="duet: M thinks, m answers; large: serve M alone")] = "duet",
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    max_batch: Annotated[int, typer.Option(help="requests per engine call; 1 turns batching off")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="requests admitted at once; more get 503")] = 256,
+    max_signal_tokens: Annotated[int, typer.Option(help="default cap on M's thinking tokens")] = 256,
+    max_answer_tokens: Annotated[int, typer.Option(help="default cap on m's answer tokens")] = 256,
+    served_model_name: Annotated[str | None, typer.Option(help="model name for clients")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+) -> None:
+    """Serve M -> z -> m (or M alone) as an OpenAI-compatible API: /v1/chat/completions, /v1/models, /health."""
+    from duetlm.config import build_config
+    from duetlm.serve import ServeConfig, run_server
+
+    options = dict(
+        role=role,
+        large=large,
+        large_url=large_url,
+        small=small,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
+        max_queue=max_queue,
+        max_signal_tokens=max_signal_tokens,
+        max_answer_tokens=max_answer_tokens,
+        served_model_name=served_model_name,
+        device=device,
+        dtype=dtype,
+    )
+    run_server(build_config(ServeConfig, options, origin="duetlm serve options"))
+
+
 def main() -> None:  # pragma: no cover - console entry point alternative
     app()
 if __name__ == "__main__":

@@ -16,12 +16,24 @@ protocol is applied on top of whatever template the tokenizer has. M's assistant
 pre-filled with the thinking block as plain text. For Qwen3-style templates (the tags are tokens of the
 vocabulary, the template knows `enable_thinking`) nothing is pre-filled for M: the model opens the
 block itself, exactly as at deployment.
+
+M behind an OpenAI-compatible chat endpoint (`engines/remote.py`). Such a server applies M's own chat
+template, so M's "prompt" is the chat messages themselves: an engine that carries `CHAT_ENDPOINT` as
+its tokenizer gets from `large_prompt` the messages encoded as text (`encode_messages`), and reads them
+back with `decode_messages`. M's user turn is written in one place (`large_messages`) for a local and a
+remote M alike, and duetlm's own `--role large` server templates a request with `large_chat_prompt`, so
+a remote M behind duetlm sees byte for byte the prompt a local M would. m's prompt and the truncation
+baseline's prompt continue an assistant turn, which a chat endpoint cannot do portably: they need m's
+(or M's) tokenizer locally.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
+
+from duetlm.errors import DuetError
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -76,17 +88,60 @@ def supports_thinking(tokenizer: Any) -> bool:
     return THINK_OPEN in vocab and THINK_CLOSE in vocab
 
 
+class ChatEndpoint:
+    """Stands in for M's tokenizer when M sits behind a chat-completions endpoint: the server holds
+    the vocabulary and the template, so prompts are the messages (see the module docstring)."""
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}  # the vocabulary lives on the server: no stop token ids, only the stop string
+
+    def __repr__(self) -> str:
+        return "CHAT_ENDPOINT"
+
+
+CHAT_ENDPOINT = ChatEndpoint()
+_MESSAGES_TAG = "\x00duetlm-chat-messages\x00"
+
+
+def encode_messages(messages: list[dict[str, str]]) -> str:
+    """Chat messages as one prompt string (for engines that take messages, e.g. a chat endpoint)."""
+    return _MESSAGES_TAG + json.dumps(messages, ensure_ascii=False)
+
+
+def decode_messages(prompt: str) -> list[dict[str, str]]:
+    """The messages `encode_messages` wrote; a `DuetError` for any other prompt."""
+    if not prompt.startswith(_MESSAGES_TAG):
+        raise DuetError(
+            "this prompt is text for a local tokenizer, not chat messages: an engine behind a chat "
+            "endpoint takes only prompts built by protocol.large_prompt(CHAT_ENDPOINT, ...) "
+            f"(got {prompt[:60]!r})"
+        )
+    return json.loads(prompt[len(_MESSAGES_TAG) :])
+
+
+def _needs_local(tokenizer: Any, what: str) -> None:
+    if isinstance(tokenizer, ChatEndpoint):
+        raise DuetError(
+            f"{what} continues an assistant turn, which a chat endpoint cannot do: "
+            "run this model locally (hf or vllm engine)"
+        )
+
+
+def _template(tokenizer: Any, messages: list[dict[str, str]], enable_thinking: bool) -> str:
+    """The chat template over `messages`, ending with the opening of the assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        # A base model without a template: a minimal plain-text format (one question only).
+        if len(messages) != 1 or messages[0]["role"] != "user":
+            raise DuetError("this model has no chat template: only a single user message can be formatted")
+        return f"Question: {messages[0]['content']}\nAnswer: "
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+    )
+
+
 def _chat(tokenizer: Any, user: str, enable_thinking: bool) -> str:
     """The chat template over one user turn, ending with the opening of the assistant turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        # A base model without a template: a minimal plain-text format.
-        return f"Question: {user}\nAnswer: "
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}],
-        tokenize=False,
-        add_generation_prompt=True,
-        enable_thinking=enable_thinking,
-    )
+    return _template(tokenizer, [{"role": "user", "content": user}], enable_thinking)
 
 
 def thinking_block(signal: str) -> str:
@@ -94,16 +149,33 @@ def thinking_block(signal: str) -> str:
     return f"{THINK_OPEN}\n{signal}\n{THINK_CLOSE}\n\n" if signal else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 
 
-def large_prompt(tokenizer: Any, question: str, instruction: str = LARGE_INSTRUCTION) -> str:
-    """M's prompt: the question plus the instruction, thinking on (algorithm.md §1)."""
-    prompt = _chat(tokenizer, question + instruction, enable_thinking=True)
+def large_messages(question: str, instruction: str = LARGE_INSTRUCTION) -> list[dict[str, str]]:
+    """M's conversation: one user turn, the question plus the instruction (algorithm.md §1)."""
+    return [{"role": "user", "content": question + instruction}]
+
+
+def large_chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """M's prompt for a conversation, thinking on (`large_prompt` is this over `large_messages`).
+
+    `duetlm serve --role large` templates each request with it. With `CHAT_ENDPOINT` as the
+    tokenizer the prompt is the encoded messages.
+    """
+    if isinstance(tokenizer, ChatEndpoint):
+        return encode_messages(messages)
+    prompt = _template(tokenizer, messages, enable_thinking=True)
     if not supports_thinking(tokenizer):
         prompt += THINK_OPEN + "\n"  # the fallback: pre-fill the opening tag
     return prompt
 
 
+def large_prompt(tokenizer: Any, question: str, instruction: str = LARGE_INSTRUCTION) -> str:
+    """M's prompt: the question plus the instruction, thinking on (algorithm.md §1)."""
+    return large_chat_prompt(tokenizer, large_messages(question, instruction))
+
+
 def small_prompt(tokenizer: Any, question: str, signal: str | None = None) -> str:
     """m's prompt, with z (`signal`) or without it (`None` or ""); one builder for both."""
+    _needs_local(tokenizer, "m's prompt")
     # enable_thinking=True keeps the template from inserting its own empty block; we insert ours.
     return _chat(tokenizer, question, enable_thinking=True) + thinking_block(signal or "")
 
@@ -113,6 +185,7 @@ def large_answer_prompt(
 ) -> str:
     """M's prompt after its (possibly truncated) thinking, with the block closed, so that M itself
     writes the answer: budget forcing (the truncation baseline, algorithm.md §5)."""
+    _needs_local(tokenizer, "the truncation baseline's answer prompt")
     prompt = _chat(tokenizer, question + instruction, enable_thinking=True)
     return prompt + f"{THINK_OPEN}\n{thinking.strip()}\n{THINK_CLOSE}\n\n"
 

@@ -1,0 +1,354 @@
+"""`RemoteEngine`: the `Engine` protocol over an OpenAI-compatible chat-completions endpoint.
+
+The deployment the paper describes: the large model M runs on a server and emits one short signal z;
+the small model m runs locally and answers. Any OpenAI-compatible server can host M: vLLM's and
+SGLang's (`vllm serve Qwen/Qwen3-4B --reasoning-parser qwen3`), or `duetlm serve --role large`.
+
+How prompts travel (a decision; see `duetlm.protocol`'s docstring). The engine speaks the chat API,
+not raw completions: the server applies M's own chat template (so no tokenizer is needed here, and
+chat-only endpoints work). Its `tokenizer` is `protocol.CHAT_ENDPOINT`, so `DuetPipeline.think` builds
+M's prompt through `protocol.large_prompt` as for a local M, and that prompt is the encoded messages.
+Only M's prompt can travel this way; m's prompt continues an assistant turn and needs m locally.
+
+What comes back. M's thinking is read from `message.reasoning_content` or `message.reasoning` (servers
+with a reasoning parser), else from thinking tags in `message.content`; `response_text` rebuilds the
+raw text a local engine would have returned (thinking, then `</think>` when M closed the block), so
+`protocol.extract_signal` reads remote and local output alike. M stops at the end of thinking because
+`DuetPipeline` puts `</think>` in the stop strings; `max_new_tokens` caps the thinking tokens.
+
+Token counts come from `usage.completion_tokens` (one sample per HTTP request, so the count is per
+sample), or from the generated ids where the server returns them (`token_ids`: duetlm's server, and
+vLLM with `return_token_ids`). Log-probs are what the server reports. The engine is for inference: a
+trainer needs ids and log-probs under its own control.
+
+Robustness: one `httpx.Client`; a per-request timeout; retries with exponential backoff and jitter on
+429, 5xx and connection errors (a `Retry-After` header is honoured); at most `max_concurrency`
+requests in flight across all callers; the API key from `api_key`, else `$DUETLM_API_KEY`, else
+`$OPENAI_API_KEY`. Failures raise `RemoteEngineError`, which names the URL.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from duetlm import protocol
+from duetlm.engines.base import FinishReason, Generation, SamplingParams
+from duetlm.errors import DuetError
+
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+API_KEY_ENV = ("DUETLM_API_KEY", "OPENAI_API_KEY")
+_ABSENT = object()
+
+
+class RemoteEngineError(DuetError):
+    """The remote model failed: an HTTP error, a malformed answer, or retries ran out.
+
+    `url` is the endpoint; `status` the last HTTP status (None for connection errors)."""
+
+    def __init__(self, message: str, url: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+@dataclass
+class RemoteGeneration(Generation):
+    """A `Generation` from a server. `token_ids` is empty unless the server returned the ids, so the
+    token counts come from the server's `usage`: `completion_tokens` (|z| plus the stop marker, the
+    paper's M tokens) and `prompt_tokens`."""
+
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) if self.token_ids else self.completion_tokens
+
+
+def base_url(url: str) -> str:
+    """The API root: `http://host:port` gets `/v1` appended; a URL with a path is used as given
+    (like the `openai` client's `base_url`)."""
+    url = url.rstrip("/")
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise DuetError(f"remote model URL must be http(s)://host[:port][/path] (got {url!r})")
+    return url if parsed.path not in ("", "/") else url + "/v1"
+
+
+def api_key_from_env() -> str | None:
+    """The first of `$DUETLM_API_KEY`, `$OPENAI_API_KEY` that is set and non-empty."""
+    for name in API_KEY_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def backoff_delay(
+    attempt: int, base: float, cap: float, retry_after: float | None = None, jitter: float = 0.5
+) -> float:
+    """Seconds to wait before retry `attempt` (0-based): `base * 2**attempt`, at most `cap`, shrunk by
+    up to `jitter` of itself at random (so that clients that failed together do not retry together).
+    A server's `Retry-After` wins over the formula (still capped)."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), cap)
+    delay = min(base * 2**attempt, cap)
+    return delay * (1.0 - jitter * random.random())
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to exponential backoff
+
+
+def response_text(
+    message: dict[str, Any], finish_reason: str | None, stop_reason: Any, stop: tuple[str, ...]
+) -> str:
+    """The raw text a local engine would have returned, from one chat choice.
+
+    - reasoning in `reasoning_content` / `reasoning`: thinking, then `</think>` and the content when M
+      closed the block (there is content after it, or the generation stopped on `</think>`);
+    - otherwise the content, tags and all, with `</think>` put back when the server stopped on it
+      (servers drop the matched stop string from the text; local engines keep it).
+
+    `stop_reason` is vLLM's `stop_reason` / SGLang's `matched_stop` (the matched stop string, a token
+    id, or None for end-of-sequence), or `_ABSENT` when the server says nothing: then a "stop" finish
+    counts as the stop string when `</think>` was asked for.
+    """
+    close = protocol.THINK_CLOSE
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content")
+    if reasoning is None:
+        reasoning = message.get("reasoning")
+    if stop_reason is _ABSENT:
+        stopped_on_close = finish_reason == "stop" and close in stop
+    else:
+        stopped_on_close = finish_reason == "stop" and stop_reason == close
+    if reasoning is not None:
+        closed = bool(content) or stopped_on_close or close in reasoning
+        return reasoning + (close + content if closed and close not in reasoning else content)
+    if stopped_on_close and close not in content:
+        return content + close
+    return content
+
+
+class RemoteEngine:
+    """The `Engine` protocol over an OpenAI-compatible chat endpoint (see the module docstring).
+
+    `url`: the server (`http://host:8000` or its `/v1` root). `model`: the served model name (None:
+    the first one `GET /v1/models` lists). `timeout`: seconds per request (httpx: connect, and each
+    read). `max_retries`: retries after the first try on 429/5xx/connection errors, waiting
+    `backoff_delay(attempt, backoff, max_backoff)`. `max_concurrency`: requests in flight at once.
+    `extra_body`: fields added to every request (e.g. `{"chat_template_kwargs": {...}}` for vLLM).
+    """
+
+    name = "remote"
+    # No torch state: a server may call `generate` from several threads at once.
+    thread_safe = True
+    tokenizer = protocol.CHAT_ENDPOINT
+
+    def __init__(
+        self,
+        url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        max_concurrency: int = 16,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise DuetError(f"max_concurrency must be at least 1 (got {max_concurrency})")
+        if max_retries < 0:
+            raise DuetError(f"max_retries must be 0 or more (got {max_retries})")
+        self.url = base_url(url)
+        self._model = model
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.extra_body = dict(extra_body or {})
+        key = api_key if api_key is not None else api_key_from_env()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+        # The pool's size is the concurrency limit, shared by every caller of this engine.
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="remote-engine")
+        self._model_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RemoteEngine({self.url!r}, model={self._model!r})"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One API call with retries; the decoded JSON answer."""
+        where = path if "://" in path else f"{self.url}{path}"
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                response = self._client.request(method, path, json=body)
+            except httpx.TransportError as err:  # connection refused/reset, timeouts
+                if last:
+                    raise RemoteEngineError(
+                        f"remote model at {where}: {type(err).__name__}: {err or 'no detail'} "
+                        f"(after {attempt + 1} attempts)",
+                        where,
+                    ) from err
+                time.sleep(backoff_delay(attempt, self.backoff, self.max_backoff))
+                continue
+            if response.status_code < 400:
+                try:
+                    return response.json()
+                except ValueError as err:
+                    raise RemoteEngineError(
+                        f"remote model at {where} answered with non-JSON: {response.text[:200]!r}",
+                        where,
+                        response.status_code,
+                    ) from err
+            if response.status_code in RETRY_STATUS and not last:
+                time.sleep(backoff_delay(attempt, self.backoff, self.max_backoff, _retry_after(response)))
+                continue
+            tries = f" (after {attempt + 1} attempts)" if response.status_code in RETRY_STATUS else ""
+            raise RemoteEngineError(
+                f"remote model at {where} answered HTTP {response.status_code}: "
+                f"{_error_message(response)}{tries}",
+                where,
+                response.status_code,
+            )
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    @property
+    def model(self) -> str:
+        """The served model name (asked of the server once when not given)."""
+        with self._model_lock:
+            if self._model is None:
+                listing = self._request("GET", "/models").get("data") or []
+                if not listing:
+                    raise RemoteEngineError(f"remote server at {self.url} lists no models", self.url)
+                self._model = str(listing[0]["id"])
+            return self._model
+
+    # -- Engine protocol ----------------------------------------------------------------------------
+
+    def request_body(self, messages: list[dict[str, str]], sp: SamplingParams, sample: int) -> dict[str, Any]:
+        """The chat-completions request for one sample (`sample` offsets the seed so the n samples of
+        a prompt differ yet the call stays reproducible)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": sp.max_new_tokens,
+            "temperature": sp.temperature,
+            "top_p": sp.top_p,
+            "n": 1,
+        }
+        if sp.stop:
+            body["stop"] = list(sp.stop)
+        if sp.seed is not None:
+            body["seed"] = sp.seed + sample
+        if sp.logprobs:
+            body["logprobs"] = True
+        # Extensions of vLLM and SGLang (the OpenAI API has neither): sent only when used.
+        if sp.top_k:
+            body["top_k"] = sp.top_k
+        if sp.stop_token_ids:
+            body["stop_token_ids"] = list(sp.stop_token_ids)
+        body.update(self.extra_body)
+        return body
+
+    def _sample(
+        self, index: int, messages: list[dict[str, str]], sp: SamplingParams, sample: int
+    ) -> Generation:
+        data = self._request("POST", "/chat/completions", self.request_body(messages, sp, sample))
+        where = f"{self.url}/chat/completions"
+        try:
+            choice = data["choices"][0]
+            message = choice["message"]
+            usage = data.get("usage") or {}
+            completion_tokens = int(usage["completion_tokens"])
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise RemoteEngineError(
+                f"remote model at {where} sent a response without {err} (choices[0].message and "
+                f"usage.completion_tokens are required): {str(data)[:200]}",
+                where,
+            ) from err
+        finish = choice.get("finish_reason")
+        stop_reason = choice.get("stop_reason", choice.get("matched_stop", _ABSENT))
+        logprobs = None
+        if sp.logprobs and choice.get("logprobs"):
+            logprobs = [float(t["logprob"]) for t in choice["logprobs"].get("content") or []]
+        reason: FinishReason = "length" if finish == "length" else "stop"
+        return RemoteGeneration(
+            prompt_index=index,
+            token_ids=[int(t) for t in choice.get("token_ids") or []],
+            text=response_text(message, finish, stop_reason, sp.stop),
+            finish_reason=reason,
+            logprobs=logprobs,
+            completion_tokens=completion_tokens,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        )
+
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[list[Generation]]:
+        """`sampling.n` samples per prompt, one HTTP request each, `max_concurrency` at a time."""
+        conversations = [protocol.decode_messages(p) for p in prompts]
+        jobs = [
+            (i, j, self._pool.submit(self._sample, i, msgs, sampling, j))
+            for i, msgs in enumerate(conversations)
+            for j in range(sampling.n)
+        ]
+        out: list[list[Generation]] = [[] for _ in prompts]
+        try:
+            for i, _, future in jobs:
+                out[i].append(future.result())
+        except BaseException:
+            for _, _, future in jobs:
+                future.cancel()  # fail fast: the batch is lost anyway
+            raise
+        return out
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` under the server's tokenizer (vLLM's and duetlm's `POST /tokenize`)."""
+        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        data = self._request("POST", f"{root}/tokenize", {"model": self.model, "prompt": text})
+        if "count" not in data:
+            raise RemoteEngineError(f"{root}/tokenize did not return a token count", root)
+        return int(data["count"])
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The server's own error message (OpenAI's `{"error": {"message": ...}}` or FastAPI's `detail`)."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if data.get("detail"):
+            return str(data["detail"])
+        if data.get("message"):
+            return str(data["message"])
+    return str(data)[:300]

@@ -1,0 +1,838 @@
+"""`duetlm serve`: the two-stage pipeline behind an OpenAI-compatible HTTP API (FastAPI).
+
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, and, with `--role large`,
+`POST /tokenize` (vLLM's shape; `RemoteEngine.count_tokens` uses it).
+
+Roles.
+- `duet` (default): the last (only) user message is the problem x; M writes the signal z, m answers.
+  The answer is `message.content`, z is `message.reasoning_content`; `usage` counts both models'
+  tokens and breaks them down under `usage.large` / `usage.small` (`completion_tokens_details.
+  reasoning_tokens` = M's tokens). Request options: `max_tokens` caps m's answer; the extension
+  `max_signal_tokens` caps M's thinking (default `--max-signal-tokens`); `temperature`, `top_p`,
+  `top_k` and `seed` apply to both models; `stop` to m.
+- `large`: M alone, with the same API: the conversation is templated by `protocol.large_chat_prompt`
+  (thinking on), M stops at the end of thinking, and its thinking is `reasoning_content` (content is
+  empty). `max_tokens` caps the thinking. So one duetlm server can be another's remote M
+  (`--large-url`): the prompt M sees is byte for byte the one a local M would see.
+
+Batching. Each stage (M, then m) has a windowed batcher: it takes the first waiting request, waits
+up to `batch_window_ms` for more (up to `max_batch`), and runs one engine call for the batch (requests
+with different sampling options run as separate calls; a seeded sampled request runs alone, so its
+seed reproduces it). Engine calls run in worker threads, one per local engine, so torch work on an
+engine is serialised and never blocks the event loop; while m answers one batch, M can think about
+the next. Admission is bounded: beyond `max_queue` requests in the server, a request gets 503 with
+`Retry-After` at once instead of waiting.
+
+Streaming (SSE) sends the signal as a `reasoning_content` delta as soon as M's batch is done, then m's
+answer when m's batch is done (as one `content` delta: engines return whole generations, so there is no
+token-by-token stream to relay).
+
+Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for a bad
+request (the message names the field), 404 for an unknown model or route, 413 for an oversized body,
+503 when full, 502 when the remote large model fails (the message names its URL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.exceptions import HTTPException
+
+from duetlm import protocol
+from duetlm.config import DType, Strict
+from duetlm.engines.base import Engine, Generation, SamplingParams
+from duetlm.errors import DuetError
+
+VALID_ROLES = ("system", "user", "assistant")
+
+
+class ServeConfig(Strict):
+    """Options of `duetlm serve` (the CLI flags of the same names)."""
+
+    role: Literal["duet", "large"] = Field("duet", description="duet: M then m; large: M alone")
+    large: str | None = Field(None, description="M: hub id, local dir, .gguf file or short name")
+    large_url: str | None = Field(None, description="M behind an OpenAI-compatible server instead")
+    small: str | None = Field(None, description="m (role duet): hub id, local dir, .gguf or short name")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: DType = "auto"
+    served_model_name: str | None = Field(None, description="the model name clients use (default: the role)")
+    max_batch: int = Field(16, ge=1, description="requests per engine call; 1 turns batching off")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    max_queue: int = Field(256, ge=1, description="requests admitted at once; beyond: 503 + Retry-After")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 503")
+    max_signal_tokens: int = Field(256, ge=1, description="default cap on M's thinking tokens")
+    max_answer_tokens: int = Field(256, ge=1, description="default cap on m's answer tokens")
+    max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
+    temperature: float = Field(0.0, ge=0.0, description="default temperature (0 = greedy)")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
+    remote_timeout_s: float = Field(120.0, gt=0, description="per-request timeout towards --large-url")
+    remote_max_retries: int = Field(4, ge=0, description="retries towards --large-url")
+    remote_backoff_s: float = Field(0.5, ge=0, description="first backoff delay towards --large-url")
+    remote_concurrency: int = Field(16, ge=1, description="requests in flight towards --large-url")
+
+    @model_validator(mode="after")
+    def _check_models(self) -> ServeConfig:
+        if (self.large is None) == (self.large_url is None):
+            raise ValueError("give exactly one of large (a model) and large_url (a server)")
+        if self.role == "duet" and self.small is None:
+            raise ValueError("role duet needs small (m); use role large to serve M alone")
+        if self.role == "large" and self.small is not None:
+            raise ValueError("role large serves M alone: drop small")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.role
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An HTTP error with an OpenAI-style body; `param` names the offending field."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
+        }
+
+
+def _upstream_error(err: Exception) -> ApiError:
+    """What a failed engine call becomes: 502 for the remote large model, 500 otherwise."""
+    from duetlm.engines.remote import RemoteEngineError
+
+    if isinstance(err, RemoteEngineError):
+        return ApiError(502, f"the large model (M) failed upstream: {err}", kind="upstream_error")
+    return ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")
+
+
+# -- requests ----------------------------------------------------------------------------------------
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields of an OpenAI chat-completions request that duetlm reads (others are ignored, as
+    vLLM does); `max_signal_tokens` and `top_k` are extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[_Message]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    max_signal_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class ParsedChat:
+    """A validated request: the conversation as plain messages and the options with defaults."""
+
+    request: ChatRequest
+    messages: list[dict[str, str]]
+    max_tokens: int
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"]
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _text(content: str | list[dict[str, Any]] | None, where: str) -> str:
+    """A message's text; content parts must all be text."""
+    if content is None:
+        raise ApiError(400, f"{where}.content is missing", param=f"{where}.content")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for k, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(
+                400,
+                f"{where}.content[{k}]: only text parts are supported (got type {part.get('type')!r})",
+                param=f"{where}.content",
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _bounded(value: int | None, default: int, name: str, limit: int) -> int:
+    if value is None:
+        return default
+    if not 1 <= value <= limit:
+        raise ApiError(400, f"{name} must be between 1 and {limit} (got {value})", param=name)
+    return value
+
+
+def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
+    """Validate a request body for `cfg.role`; every failure is a 400 naming the field."""
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object (got {type(data).__name__})")
+    if "messages" not in data:
+        raise ApiError(400, "messages is required: a list of {role, content} objects", param="messages")
+    try:
+        req = ChatRequest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = _loc(first["loc"])
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+    if not req.messages:
+        raise ApiError(400, "messages is empty: send at least one user message", param="messages")
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.role not in VALID_ROLES:
+            raise ApiError(
+                400,
+                f"messages[{i}].role {m.role!r} is not supported; use one of {', '.join(VALID_ROLES)}",
+                param=f"messages[{i}].role",
+            )
+        messages.append({"role": m.role, "content": _text(m.content, f"messages[{i}]")})
+    if messages[-1]["role"] != "user":
+        raise ApiError(
+            400, f"the last message must come from the user (got {messages[-1]['role']!r})", param="messages"
+        )
+    if cfg.role == "duet" and len(messages) != 1:
+        roles = ", ".join(m["role"] for m in messages)
+        raise ApiError(
+            400,
+            f"the duet pipeline answers one question: send exactly one user message (got roles {roles})",
+            param="messages",
+        )
+    if not messages[-1]["content"].strip():
+        raise ApiError(400, f"messages[{len(messages) - 1}].content is empty", param="messages")
+    if req.n != 1:
+        raise ApiError(400, f"n must be 1 (got {req.n}); send separate requests for more samples", param="n")
+    if req.logprobs:
+        raise ApiError(400, "logprobs are not supported by duetlm serve", param="logprobs")
+    default = cfg.max_answer_tokens if cfg.role == "duet" else cfg.max_signal_tokens
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = _bounded(requested, default, name, cfg.max_tokens_limit)
+    _bounded(req.max_signal_tokens, cfg.max_signal_tokens, "max_signal_tokens", cfg.max_tokens_limit)
+    return ParsedChat(req, messages, max_tokens)
+
+
+# -- batching ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchStats:
+    """Engine calls made by one stage and the requests they carried."""
+
+    calls: int = 0
+    requests: int = 0
+
+    def to_json(self) -> dict[str, float]:
+        mean = self.requests / self.calls if self.calls else 0.0
+        return {"calls": self.calls, "requests": self.requests, "mean_batch": round(mean, 3)}
+
+
+@dataclass
+class _Item:
+    key: Hashable
+    payload: Any
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class WindowBatcher:
+    """Windowed batching for one engine stage.
+
+    `run(key, payloads) -> results` is called in `executor` with up to `max_batch` payloads that share
+    `key` (their sampling options). A batch opens with the first waiting request and closes after
+    `window_s` or at `max_batch` requests; up to `max_inflight` batches run at once (1 for a local
+    engine: its worker thread serialises them anyway).
+    """
+
+    name: str
+    run: Callable[[Hashable, list[Any]], list[Any]]
+    executor: ThreadPoolExecutor
+    max_batch: int
+    window_s: float
+    max_inflight: int = 1
+    stats: BatchStats = field(default_factory=BatchStats)
+
+    def start(self) -> None:
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.max_inflight)
+        self._running: set[asyncio.Task[None]] = set()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        for task in [self._task, *self._running]:
+            task.cancel()
+        await asyncio.gather(self._task, *self._running, return_exceptions=True)
+        while not self._queue.empty():  # nothing may wait forever
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(ApiError(503, "the server is shutting down", kind="server_error"))
+
+    async def submit(self, key: Hashable, payload: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(key, payload, future))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.window_s
+            while len(batch) < self.max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            task = loop.create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            groups: dict[Hashable, list[_Item]] = {}
+            for item in batch:
+                groups.setdefault(item.key, []).append(item)
+            for key, items in groups.items():
+                live = [it for it in items if not it.future.done()]  # a cancelled request is skipped
+                if not live:
+                    continue
+                self.stats.calls += 1
+                self.stats.requests += len(live)
+                try:
+                    results = await loop.run_in_executor(
+                        self.executor, self.run, key, [it.payload for it in live]
+                    )
+                except Exception as err:  # the engine boundary: every waiting request gets the error
+                    for it in live:
+                        if not it.future.done():
+                            it.future.set_exception(err)
+                    continue
+                for it, result in zip(live, results, strict=True):
+                    if not it.future.done():
+                        it.future.set_result(result)
+        finally:
+            self._slots.release()
+
+
+# -- the service -------------------------------------------------------------------------------------
+
+
+def _prompt_tokens(g: Generation) -> int:
+    """Prompt tokens of a generation: counted locally, or reported by a remote server."""
+    return len(g.prompt_token_ids) or int(getattr(g, "prompt_tokens", 0))
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """What a batch must share: the sampling options, and for a seeded sampled request its own id (so
+    it runs alone and its seed reproduces it)."""
+
+    params: SamplingParams
+    alone: str | None = None
+
+
+def _stage_key(params: SamplingParams) -> StageKey:
+    alone = uuid.uuid4().hex if params.seed is not None and params.temperature > 0 else None
+    return StageKey(params, alone)
+
+
+@dataclass
+class DuetOutcome:
+    """One request's pass: M's generation and signal, and m's generation (None for role large)."""
+
+    large: Generation
+    signal: protocol.Signal
+    small: Generation | None = None
+
+
+class DuetService:
+    """The engines, the pipeline, the batchers and the admission bound behind the HTTP routes."""
+
+    def __init__(self, cfg: ServeConfig, large: Engine, small: Engine | None = None) -> None:
+        from duetlm.pipeline import DuetPipeline
+
+        self.cfg = cfg
+        self.large = large
+        self.small = small
+        self.pipeline = DuetPipeline(large, small if small is not None else large)
+        self.in_flight = 0
+        self._executors: dict[int, ThreadPoolExecutor] = {}
+        window = cfg.batch_window_ms / 1000
+        run_large = self._run_think if cfg.role == "duet" else self._run_large_chat
+        self.large_stage = self._batcher("large", run_large, large, window)
+        self.small_stage = (
+            self._batcher("small", self._run_answer, small, window) if small is not None else None
+        )
+
+    def _batcher(
+        self, name: str, run: Callable[..., list[Any]], engine: Engine, window: float
+    ) -> WindowBatcher:
+        # One worker per local engine: torch work on one model is serialised (M and m share it when
+        # they are the same engine). A remote engine has no torch state: several batches may be out.
+        workers = 4 if getattr(engine, "thread_safe", False) else 1
+        if id(engine) not in self._executors:
+            self._executors[id(engine)] = ThreadPoolExecutor(workers, thread_name_prefix=f"engine-{name}")
+        return WindowBatcher(name, run, self._executors[id(engine)], self.cfg.max_batch, window, workers)
+
+    @property
+    def stages(self) -> list[WindowBatcher]:
+        return [s for s in (self.large_stage, self.small_stage) if s is not None]
+
+    async def start(self) -> None:
+        for stage in self.stages:
+            stage.start()
+
+    async def stop(self) -> None:
+        for stage in self.stages:
+            await stage.stop()
+        for pool in self._executors.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # The batch functions run in the engines' worker threads.
+    def _run_think(self, key: StageKey, questions: list[str]) -> list[Generation]:
+        return [gs[0] for gs in replace(self.pipeline, large_sampling=key.params).think(questions)]
+
+    def _run_answer(self, key: StageKey, items: list[tuple[str, str]]) -> list[Generation]:
+        pipe = replace(self.pipeline, small_sampling=key.params)
+        return [gs[0] for gs in pipe.answer([q for q, _ in items], [z for _, z in items], n=1)]
+
+    def _run_large_chat(self, key: StageKey, prompts: list[str]) -> list[Generation]:
+        return [gs[0] for gs in self.large.generate(prompts, key.params)]
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[Callable[[], None]]:
+        """Admission: a slot for the request, or a 503 at once when `max_queue` are in the server.
+
+        Yields `keep()`: call it to hand the slot to a streaming response, which releases it itself.
+        """
+        if self.in_flight >= self.cfg.max_queue:
+            raise ApiError(
+                503,
+                f"the server is busy ({self.in_flight} requests in flight, queue limit {self.cfg.max_queue}); "
+                f"retry after {self.cfg.retry_after_s} s",
+                kind="server_overloaded",
+                headers={"Retry-After": str(self.cfg.retry_after_s)},
+            )
+        self.in_flight += 1
+        kept = False
+
+        def keep() -> None:
+            nonlocal kept
+            kept = True
+
+        try:
+            yield keep
+        finally:
+            if not kept:
+                self.in_flight -= 1
+
+    def answered(self, task: asyncio.Task[Any]) -> None:
+        """Done-callback of a streamed answer: free its slot (and mark its error as seen: the stream
+        reports it, or nobody is listening any more)."""
+        self.in_flight -= 1
+        if not task.cancelled():
+            task.exception()
+
+    def _sampling(self, chat: ParsedChat, max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
+        req = chat.request
+        return SamplingParams(
+            temperature=self.cfg.temperature if req.temperature is None else req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            max_new_tokens=max_tokens,
+            stop=stop,
+            seed=req.seed,
+        )
+
+    def _user_stop(self, chat: ParsedChat) -> tuple[str, ...]:
+        stop = chat.request.stop
+        return (stop,) if isinstance(stop, str) else tuple(stop or ())
+
+    async def think(self, chat: ParsedChat) -> DuetOutcome:
+        """Stage 1: M's signal (role duet), or M's thinking on the conversation (role large)."""
+        if self.cfg.role == "duet":
+            signal_cap = chat.request.max_signal_tokens or self.cfg.max_signal_tokens
+            key = _stage_key(self._sampling(chat, signal_cap))
+            payload: Any = chat.question
+        else:
+            base = self._sampling(chat, chat.max_tokens, self._user_stop(chat))
+            key = _stage_key(replace(self.pipeline, large_sampling=base).large_params())
+            try:
+                payload = protocol.large_chat_prompt(getattr(self.large, "tokenizer", None), chat.messages)
+            except DuetError as err:
+                raise ApiError(400, str(err), param="messages") from None
+        try:
+            g = await self.large_stage.submit(key, payload)
+        except ApiError:
+            raise
+        except Exception as err:
+            raise _upstream_error(err) from err
+        return DuetOutcome(g, protocol.extract_signal(g.text))
+
+    async def answer(self, chat: ParsedChat, outcome: DuetOutcome) -> DuetOutcome:
+        """Stage 2: m's answer to (x, z)."""
+        assert self.small_stage is not None
+        key = _stage_key(self._sampling(chat, chat.max_tokens, self._user_stop(chat)))
+        try:
+            outcome.small = await self.small_stage.submit(key, (chat.question, outcome.signal.text))
+        except ApiError:
+            raise
+        except Exception as err:
+            raise _upstream_error(err) from err
+        return outcome
+
+    # -- responses ----------------------------------------------------------------------------------
+
+    def usage(self, outcome: DuetOutcome) -> dict[str, Any]:
+        large = {
+            "prompt_tokens": _prompt_tokens(outcome.large),
+            "completion_tokens": outcome.large.num_tokens,
+        }
+        small = (
+            {"prompt_tokens": _prompt_tokens(outcome.small), "completion_tokens": outcome.small.num_tokens}
+            if outcome.small is not None
+            else {"prompt_tokens": 0, "completion_tokens": 0}
+        )
+        prompt = large["prompt_tokens"] + small["prompt_tokens"]
+        completion = large["completion_tokens"] + small["completion_tokens"]
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "completion_tokens_details": {"reasoning_tokens": large["completion_tokens"]},
+            "large": large,
+            "small": small,
+        }
+
+    def choice_fields(self, outcome: DuetOutcome) -> tuple[str, str]:
+        """(content, finish_reason) of the choice."""
+        if outcome.small is not None:
+            return outcome.small.text.strip(), outcome.small.finish_reason
+        return "", outcome.large.finish_reason
+
+    def extensions(self, outcome: DuetOutcome) -> dict[str, Any]:
+        """Fields beyond the OpenAI choice: for role large, what `RemoteEngine` needs to rebuild M's
+        raw text and count its tokens exactly (vLLM's `stop_reason` and `token_ids`)."""
+        if self.cfg.role == "large":
+            return {
+                "stop_reason": protocol.THINK_CLOSE if outcome.signal.complete else None,
+                "token_ids": list(outcome.large.token_ids),
+            }
+        return {}
+
+    def completion(self, outcome: DuetOutcome) -> dict[str, Any]:
+        content, finish = self.choice_fields(outcome)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.cfg.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": content,
+                        "reasoning_content": outcome.signal.text,
+                    },
+                    "finish_reason": finish,
+                    "logprobs": None,
+                    **self.extensions(outcome),
+                }
+            ],
+            "usage": self.usage(outcome),
+            "duet": {"signal_complete": outcome.signal.complete, "large_finish": outcome.large.finish_reason},
+        }
+
+    async def stream(
+        self, chat: ParsedChat, outcome: DuetOutcome, answer: asyncio.Task[DuetOutcome] | None
+    ) -> AsyncIterator[str]:
+        """SSE events: role, the signal, then m's answer when its batch is done, then [DONE]."""
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
+            chunk = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.cfg.model_name,
+                "choices": [choice],
+            }
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+        yield event({"role": "assistant", "content": ""})
+        yield event({"reasoning_content": outcome.signal.text})
+        if answer is not None:
+            try:
+                outcome = await answer
+            except ApiError as err:
+                yield f"data: {json.dumps(err.body())}\n\n"
+                return
+        content, finish = self.choice_fields(outcome)
+        if content:
+            yield event({"content": content})
+        yield event({}, finish, **self.extensions(outcome))
+        if chat.request.stream_options is not None and chat.request.stream_options.include_usage:
+            usage_chunk = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.cfg.model_name,
+                "choices": [],
+                "usage": self.usage(outcome),
+            }
+            yield f"data: {json.dumps(usage_chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "role": self.cfg.role,
+            "model": self.cfg.model_name,
+            "in_flight": self.in_flight,
+            "max_queue": self.cfg.max_queue,
+            "batching": {"max_batch": self.cfg.max_batch, "window_ms": self.cfg.batch_window_ms},
+            "stages": {s.name: s.stats.to_json() for s in self.stages},
+        }
+
+
+# -- the app -----------------------------------------------------------------------------------------
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON, refusing more than `limit` bytes (413) and non-JSON (400)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(
+            413, f"the request body is {declared} bytes; the limit is {limit}", kind="request_too_large"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(
+                413, f"the request body is over the limit of {limit} bytes", kind="request_too_large"
+            )
+    if not body:
+        raise ApiError(400, "the request body is empty: send a JSON object with model and messages")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+
+
+def create_app(service: DuetService) -> FastAPI:
+    """The FastAPI app over `service` (its batchers start and stop with the app's lifespan)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="duetlm", lifespan=lifespan)
+    cfg = service.cfg
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            ApiError(err.status_code, str(err.detail), kind=kind).body(), status_code=err.status_code
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        where = _loc(tuple(first["loc"]))
+        return JSONResponse(ApiError(400, f"{where}: {first['msg']}", param=where).body(), status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return service.health()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entry = {
+            "id": cfg.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "duetlm",
+            "role": cfg.role,
+            "large": cfg.large or cfg.large_url,
+            "small": cfg.small,
+        }
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        chat = parse_chat(await read_json(request, cfg.max_body_bytes), cfg)
+        if chat.request.model != cfg.model_name:
+            raise ApiError(
+                404,
+                f"model {chat.request.model!r} is not served here; this server serves {cfg.model_name!r}",
+                param="model",
+                kind="model_not_found",
+            )
+        with service.admitted() as keep:
+            outcome = await service.think(chat)
+            if not chat.request.stream:
+                if cfg.role == "duet":
+                    outcome = await service.answer(chat, outcome)
+                return JSONResponse(service.completion(outcome))
+            # Streaming: the signal is ready; m's answer runs as a task that releases the slot when
+            # done, whether or not the client is still listening.
+            answer = None
+            if cfg.role == "duet":
+                answer = asyncio.create_task(service.answer(chat, outcome))
+                answer.add_done_callback(service.answered)
+                keep()
+            return StreamingResponse(service.stream(chat, outcome, answer), media_type="text/event-stream")
+
+    if cfg.role == "large":
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request) -> dict[str, Any]:
+            data = await read_json(request, cfg.max_body_bytes)
+            if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+                raise ApiError(400, "prompt is required: a string to tokenize", param="prompt")
+            loop = asyncio.get_running_loop()
+            count = await loop.run_in_executor(None, service.large.count_tokens, data["prompt"])
+            return {"count": count}
+
+    return app
+
+
+def build_service(cfg: ServeConfig) -> DuetService:
+    """Load the engines `cfg` names (one engine when M and m are the same model)."""
+    from duetlm.pipeline import build_hf_engine
+
+    if cfg.large_url is not None:
+        from duetlm.engines.remote import RemoteEngine
+
+        large: Engine = RemoteEngine(
+            cfg.large_url,
+            timeout=cfg.remote_timeout_s,
+            max_retries=cfg.remote_max_retries,
+            backoff=cfg.remote_backoff_s,
+            max_concurrency=cfg.remote_concurrency,
+        )
+    else:
+        assert cfg.large is not None
+        large = build_hf_engine(cfg.large, dtype=cfg.dtype, device=cfg.device)
+    small = None
+    if cfg.small is not None:
+        small = (
+            large
+            if cfg.small == cfg.large
+            else build_hf_engine(cfg.small, dtype=cfg.dtype, device=cfg.device)
+        )
+    return DuetService(cfg, large, small)
+
+
+class ServerThread:
+    """A uvicorn server for `app` in a background thread, on a socket bound before it starts (port 0:
+    an ephemeral port, so tests never collide). `url` is `http://host:port`. A context manager."""
+
+    def __init__(
+        self, app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 60.0
+    ) -> None:
+        import uvicorn
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._startup_timeout = startup_timeout
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + self._startup_timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise DuetError(f"the server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()
+
+
+def run_server(cfg: ServeConfig) -> None:
+    """`duetlm serve`: load the models and serve until interrupted."""
+    import uvicorn
+
+    app = create_app(build_service(cfg))
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

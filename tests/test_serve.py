@@ -1,0 +1,390 @@
+"""`duetlm serve` for real: uvicorn on 127.0.0.1 (ephemeral ports), tiny models, the official `openai`
+client; a `--role large` server started by the CLI with a duet server using it as its remote M; the
+4xx / 502 / 503 answers. Each server starts once per module."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from duetlm import protocol
+from duetlm.cli import app as cli_app
+from duetlm.engines.base import SamplingParams
+from duetlm.engines.remote import RemoteEngine
+from duetlm.pipeline import DuetPipeline, build_hf_engine
+from duetlm.serve import DuetService, ServeConfig, ServerThread, build_service, create_app
+from test_remote import Upstream
+
+Q = "What is 12 + 7?"
+SIGNAL_TOKENS, ANSWER_TOKENS, SEED = 16, 12, 3
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_dir, tiny_llama_dir):
+    return build_hf_engine(str(tiny_dir), device="cpu"), build_hf_engine(str(tiny_llama_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def local(engines):
+    """The pipeline the servers must reproduce: sampled (so outputs are not degenerate), seeded."""
+    large, small = engines
+    return DuetPipeline(
+        large,
+        small,
+        large_sampling=SamplingParams(temperature=1.0, max_new_tokens=SIGNAL_TOKENS, seed=SEED),
+        small_sampling=SamplingParams(temperature=1.0, max_new_tokens=ANSWER_TOKENS, seed=SEED),
+    )
+
+
+def start(cfg: ServeConfig, large, small=None) -> ServerThread:
+    return ServerThread(create_app(DuetService(cfg, large, small))).__enter__()
+
+
+@pytest.fixture(scope="module")
+def duet_url(tiny_dir, tiny_llama_dir):
+    cfg = ServeConfig(
+        large=str(tiny_dir),
+        small=str(tiny_llama_dir),
+        device="cpu",
+        max_signal_tokens=SIGNAL_TOKENS,
+        max_answer_tokens=ANSWER_TOKENS,
+        batch_window_ms=10,
+        max_tokens_limit=512,
+        max_body_bytes=20_000,
+    )
+    server = ServerThread(create_app(build_service(cfg))).__enter__()
+    yield server.url
+    server.__exit__()
+
+
+@pytest.fixture(scope="module")
+def client(duet_url):
+    return openai.OpenAI(base_url=duet_url + "/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, stream=False, **kwargs):
+    return client.chat.completions.create(
+        model=kwargs.pop("model", "duet"),
+        messages=[{"role": "user", "content": kwargs.pop("question", Q)}],
+        temperature=1.0,
+        seed=SEED,
+        max_tokens=ANSWER_TOKENS,
+        stream=stream,
+        **kwargs,
+    )
+
+
+def test_openai_client_gets_signal_answer_and_usage(client, local):
+    (expected,) = local.run([Q])
+    r = ask(client)
+    msg = r.choices[0].message
+    assert msg.reasoning_content == expected.signal.text
+    assert msg.content == expected.answer
+    assert r.choices[0].finish_reason == expected.small_finish
+    u = r.usage
+    large = {
+        "prompt_tokens": len(expected.large.prompt_token_ids),
+        "completion_tokens": expected.large_tokens,
+    }
+    small = {
+        "prompt_tokens": len(expected.small.prompt_token_ids),
+        "completion_tokens": expected.small_tokens,
+    }
+    assert (u.large, u.small) == (large, small)
+    assert u.prompt_tokens == large["prompt_tokens"] + small["prompt_tokens"]
+    assert u.completion_tokens == expected.large_tokens + expected.small_tokens
+    assert u.completion_tokens_details.reasoning_tokens == expected.large_tokens
+
+
+def test_streaming_matches_the_plain_answer(client):
+    plain = ask(client)
+    chunks = list(ask(client, stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert (
+        "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        == plain.choices[0].message.reasoning_content
+    )
+    assert "".join(d.content or "" for d in deltas) == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        plain.choices[0].finish_reason
+    ]
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+
+
+def test_models_and_health(client, duet_url):
+    assert [m.id for m in client.models.list().data] == ["duet"]
+    health = httpx.get(duet_url + "/health").json()
+    assert health["status"] == "ok" and health["role"] == "duet" and health["in_flight"] == 0
+
+
+def test_concurrent_requests_share_engine_calls(engines, tiny_dir):
+    large, small = engines
+    cfg = ServeConfig(large=str(tiny_dir), small="m", max_batch=4, batch_window_ms=3000, max_answer_tokens=4)
+    server = start(cfg, large, small)
+    questions = ["What is 1 + 1?", "Compute 3 * (4 + 5) please.", "A train travels 60 miles.", "hmm, 6 * 7?"]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(
+                pool.map(
+                    lambda q: httpx.post(
+                        server.url + "/v1/chat/completions",
+                        json={
+                            "model": "duet",
+                            "messages": [{"role": "user", "content": q}],
+                            "max_signal_tokens": 4,
+                        },
+                        timeout=120,
+                    ).json(),
+                    questions,
+                )
+            )
+        stages = httpx.get(server.url + "/health").json()["stages"]
+    finally:
+        server.__exit__()
+    assert stages["large"] == {"calls": 1, "requests": 4, "mean_batch": 4.0}
+    assert stages["small"] == {"calls": 1, "requests": 4, "mean_batch": 4.0}
+    # Each reply belongs to its own question: its M prompt length is that question's.
+    for q, reply in zip(questions, replies, strict=True):
+        prompt = protocol.large_prompt(large.tokenizer, q)
+        assert reply["usage"]["large"]["prompt_tokens"] == large.count_tokens(prompt)
+
+
+def post(url, body=None, **kwargs):
+    kwargs.setdefault("json", body)
+    return httpx.post(url + "/v1/chat/completions", timeout=60, **kwargs)
+
+
+def user(content="hi"):
+    return {"model": "duet", "messages": [{"role": "user", "content": content}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"model": "duet"}, 400, "messages is required"),
+        ({"model": "duet", "messages": []}, 400, "messages is empty"),
+        ({"model": "duet", "messages": "hi"}, 400, "messages: Input should be a valid list"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model: Field required"),
+        (
+            {"model": "duet", "messages": [{"role": "robot", "content": "hi"}]},
+            400,
+            "messages[0].role 'robot'",
+        ),
+        ({"model": "duet", "messages": [{"role": "user"}]}, 400, "messages[0].content is missing"),
+        (
+            {"model": "duet", "messages": [{"role": "user", "content": "  "}]},
+            400,
+            "messages[0].content is empty",
+        ),
+        (
+            {
+                "model": "duet",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            },
+            400,
+            "messages[0].content[0]: only text parts",
+        ),
+        (
+            {
+                "model": "duet",
+                "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            },
+            400,
+            "the last message must come from the user",
+        ),
+        (
+            {
+                "model": "duet",
+                "messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}],
+            },
+            400,
+            "send exactly one user message (got roles system, user)",
+        ),
+        ({**user(), "max_tokens": 10**9}, 400, "max_tokens must be between 1 and 512 (got 1000000000)"),
+        ({**user(), "max_tokens": 0}, 400, "max_tokens must be between 1 and 512"),
+        ({**user(), "max_signal_tokens": 100000}, 400, "max_signal_tokens must be between 1 and 512"),
+        ({**user(), "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
+        ({**user(), "n": 3}, 400, "n must be 1"),
+        ({**user(), "model": "gpt-9"}, 404, "model 'gpt-9' is not served here; this server serves 'duet'"),
+        ([1, 2], 400, "the body must be a JSON object"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(duet_url, body, status, needle):
+    r = post(duet_url, body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"]
+
+
+def test_unparseable_and_oversized_bodies(duet_url, client):
+    r = post(
+        duet_url, content=b'{"model": "duet", "messages": [', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = post(duet_url, user("x" * 30_000))
+    assert r.status_code == 413 and "limit is 20000" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the limit holds while reading
+        yield b'{"model": "duet", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    r = post(duet_url, content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.get(duet_url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    with pytest.raises(openai.BadRequestError, match="messages\\[0\\].role"):
+        client.chat.completions.create(model="duet", messages=[{"role": "robot", "content": "hi"}])
+    assert httpx.get(duet_url + "/health").json()["in_flight"] == 0
+
+
+# -- two servers: M behind `duetlm serve --role large`, m local in a duet server ------------------------
+
+
+@pytest.fixture(scope="module")
+def large_cli_url(tiny_dir):
+    """`duetlm serve --role large` in its own process; the port is read from uvicorn's log."""
+    cmd = [sys.executable, "-m", "duetlm.cli", "serve", "--role", "large", "--large", str(tiny_dir)]
+    cmd += ["--port", "0", "--device", "cpu", "--max-signal-tokens", str(SIGNAL_TOKENS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    found: list[str] = []
+    log: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            log.append(line)
+            m = re.search(r"running on (http://\S+)", line)
+            if m:
+                found.append(m.group(1))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not found and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not found:
+        proc.kill()
+        pytest.fail("duetlm serve --role large did not start:\n" + "".join(log))
+    yield found[0]
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_role_large_serves_m_thinking(large_cli_url, local):
+    c = openai.OpenAI(base_url=large_cli_url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in c.models.list().data] == ["large"]
+    r = c.chat.completions.create(
+        model="large",
+        messages=protocol.large_messages(Q),
+        temperature=1.0,
+        seed=SEED,
+        max_tokens=SIGNAL_TOKENS,
+    )
+    (expected,) = local.think([Q])
+    assert r.choices[0].message.reasoning_content == protocol.extract_signal(expected[0].text).text
+    assert r.choices[0].message.content == ""
+    assert r.usage.completion_tokens == expected[0].num_tokens
+    assert r.usage.prompt_tokens == len(expected[0].prompt_token_ids)
+
+
+def test_duet_server_with_a_remote_large_reproduces_the_local_pipeline(large_cli_url, engines, local):
+    remote = RemoteEngine(large_cli_url, api_key="")
+    assert remote.count_tokens("What is 12 + 7?") == engines[0].count_tokens("What is 12 + 7?")
+    cfg = ServeConfig(
+        large_url=large_cli_url, small="m", max_signal_tokens=SIGNAL_TOKENS, max_answer_tokens=ANSWER_TOKENS
+    )
+    server = start(cfg, remote, engines[1])
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        r = ask(c)
+        streamed = list(ask(c, stream=True))
+    finally:
+        server.__exit__()
+    (expected,) = local.run([Q])
+    assert r.choices[0].message.reasoning_content == expected.signal.text
+    assert r.choices[0].message.content == expected.answer
+    assert r.usage.large == {
+        "prompt_tokens": len(expected.large.prompt_token_ids),
+        "completion_tokens": expected.large_tokens,
+    }
+    assert r.model_extra["duet"]["signal_complete"] == expected.signal.complete
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == expected.answer
+
+
+# -- upstream failures and a full queue ----------------------------------------------------------------
+
+
+def test_upstream_failure_is_a_502_naming_it(engines):
+    up = Upstream(fail=99, status=500)
+    remote = RemoteEngine(up.url, model="m", max_retries=1, backoff=0.01, api_key="")
+    server = start(ServeConfig(large_url=up.url, small="m"), remote, engines[1])
+    try:
+        r = post(server.url, user())
+    finally:
+        server.__exit__()
+        up.close()
+    assert r.status_code == 502
+    err = r.json()["error"]
+    assert err["type"] == "upstream_error"
+    assert (
+        f"the large model (M) failed upstream: remote model at {up.url}/v1/chat/completions answered HTTP 500"
+        in err["message"]
+    )
+
+
+def test_a_full_queue_answers_503_at_once_and_recovers(engines):
+    up = Upstream()
+    up.gate.clear()  # the upstream M holds every request until released
+    remote = RemoteEngine(up.url, model="m", max_retries=0, api_key="")
+    server = start(
+        ServeConfig(large_url=up.url, small="m", max_queue=1, max_answer_tokens=4), remote, engines[1]
+    )
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, server.url, user("first"))
+            deadline = time.monotonic() + 30
+            while httpx.get(server.url + "/health").json()["in_flight"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            second = post(server.url, user("second"))
+            up.gate.set()
+            first = first.result()
+        after = post(server.url, user("third"))
+    finally:
+        server.__exit__()
+        up.close()
+    assert second.status_code == 503
+    assert second.headers["retry-after"] == "1"
+    assert second.json()["error"]["type"] == "server_overloaded"
+    assert first.status_code == 200 and after.status_code == 200
+    assert first.json()["choices"][0]["message"]["reasoning_content"] == "I read: first Let's"
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--small", "m"], "exactly one of large"),
+        (["--large", "M", "--large-url", "http://x:1", "--small", "m"], "exactly one of large"),
+        (["--large", "M"], "role duet needs small"),
+        (["--role", "large", "--large", "M", "--small", "m"], "drop small"),
+        (["--role", "both", "--large", "M"], "role"),
+        (["--large", "M", "--small", "m", "--max-batch", "0"], "max_batch"),
+    ],
+)
+def test_serve_cli_rejects_bad_options(args, needle):
+    result = CliRunner().invoke(cli_app, ["serve", *args])
+    assert result.exit_code == 1
+    assert needle in result.output
