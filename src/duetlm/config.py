@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from duetlm.errors import DuetError
 
@@ -139,3 +139,259 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training (`duetlm train`; algorithm.md §2-§5, paper Appendix C). Names of dispatched choices (mode,
+# mu_baseline, advantage, loss_agg, ...) are checked against the dispatch tables of objective.py,
+# grpo.py and trainer.py, so a typo lists the valid names; those modules import torch, so the check
+# imports them lazily, at validation time.
+
+
+def _check_name(value: str, valid: Any, what: str) -> str:
+    names = list(valid)
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(names)}")
+    return value
+
+
+class LoraSettings(Strict):
+    """LoRA adapter options (peft), used for each model whose `lora: true`."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="modules to adapt: 'all-linear' or a list of module names"
+    )
+
+
+class DataConfig(Strict):
+    """Where training and validation problems come from.
+
+    `source` (and `val_source`) is anything `duetlm.problems.load_problems` accepts (a registered name
+    such as `deepscaler`, `math-lighteval`, `dapo17k`, `math500`; a .jsonl/.json/.parquet/.csv file; a
+    Hugging Face dataset id) or `PREFIX:NAME` for a registered source hook (`lab:<task>` for
+    `duetlm.lab`; see `duetlm.trainer.register_source`).
+    """
+
+    source: str | None = Field(
+        None,
+        description="training problems (registered name, file, HF dataset id, lab:<task>); required "
+        "unless the caller passes the problems itself",
+    )
+    split: str | None = Field(None, description="split of `source` (its loader's default when unset)")
+    limit: int | None = Field(None, ge=1, description="use only the first `limit` problems of `source`")
+    val_source: str | None = Field(
+        None, description="held-out problems for validation; unset: hold `val_size` out of `source`"
+    )
+    val_split: str | None = Field(None, description="split of `val_source`")
+    val_size: int = Field(
+        0, ge=0, description="validation problems (first of val_source, or a seeded hold-out of source)"
+    )
+
+
+class RolloutConfig(Strict):
+    """One step's rollouts: prompts, group sizes, and decoding for M and m (algorithm.md §2 items 1-3)."""
+
+    batch_size: int = Field(64, ge=1, description="prompts per step")
+    n: int = Field(4, ge=1, description="M rollouts per prompt: the GRPO group size (>= 2)")
+    n_small: int = Field(
+        4, ge=1, description="n_m: m's answers per signal, and m's samples for the unguided baseline"
+    )
+    large: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=16384),
+        description="M's decoding (its thinking; DUET stops at the end-of-thinking marker)",
+    )
+    small: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=2048),
+        description="m's decoding (its answer)",
+    )
+    engine_batch_size: int = Field(64, ge=1, description="sequences decoded together by the HF engine")
+
+
+class ObjectiveConfig(Strict):
+    """M's reward and the multiplier λ (algorithm.md §2; objective.py)."""
+
+    budget: float = Field(1000.0, gt=0, description="B: the token budget of the length term λ·L/B")
+    mu_baseline: str = Field(
+        "per_rollout", description="marginal-utility baseline b: per_rollout | per_prompt | none"
+    )
+    length_measure: str = Field("response", description="L_i: response (all of M's tokens) | signal (|z|)")
+    kl_coef: float = Field(
+        0.001, ge=0.0, description="β of the k1 KL term in M's reward; > 0 keeps a frozen reference copy of M"
+    )
+    lambda_init: float = Field(0.0, ge=0.0, description="λ_0")
+    lambda_step_size: float = Field(0.01, ge=0.0, description="η of the dual ascent")
+    lambda_max: float | None = Field(1.0, ge=0.0, description="λ_max (null: no upper clip)")
+    lambda_schedule: str = Field("adaptive", description="adaptive (dual ascent) | constant (−LPS ablation)")
+    thinkprune_start: int = Field(8000, ge=1, description="ThinkPrune: first length limit (tokens)")
+    thinkprune_step: int = Field(1000, ge=0, description="ThinkPrune: limit decrease per stage")
+    thinkprune_every: int = Field(20, ge=1, description="ThinkPrune: steps per stage")
+    thinkprune_floor: int = Field(1000, ge=0, description="ThinkPrune: lowest limit")
+
+    @field_validator("mu_baseline")
+    @classmethod
+    def _mu(cls, v: str) -> str:
+        from duetlm.objective import MU_BASELINES
+
+        return _check_name(v, MU_BASELINES, "mu_baseline")
+
+    @field_validator("length_measure")
+    @classmethod
+    def _length(cls, v: str) -> str:
+        from duetlm.objective import LENGTH_MEASURES
+
+        return _check_name(v, LENGTH_MEASURES, "length_measure")
+
+    @field_validator("lambda_schedule")
+    @classmethod
+    def _lam(cls, v: str) -> str:
+        from duetlm.objective import LAMBDA_SCHEDULES
+
+        return _check_name(v, LAMBDA_SCHEDULES, "lambda_schedule")
+
+
+class GRPOConfig(Strict):
+    """Advantages and the PPO-clip loss (algorithm.md §3; grpo.py)."""
+
+    advantage: str = Field("grpo", description="M's advantage estimator: grpo | batch | global (§2.1)")
+    small_advantage: str = Field("grpo", description="m's advantage estimator")
+    norm_std: bool = Field(True, description="divide advantages by the std (false: Dr. GRPO centring)")
+    eps: float = Field(1e-6, gt=0.0, description="ε added to the std")
+    small_group: str = Field(
+        "per_signal", description="m's GRPO group: per_signal (answers to one z) | per_prompt"
+    )
+    loss_agg: str = Field(
+        "token-mean", description="token-mean | seq-mean-token-mean | seq-mean-token-sum-norm"
+    )
+    clip_eps: float = Field(0.2, ge=0.0, lt=1.0, description="PPO clip ε")
+    clip_eps_high: float | None = Field(None, ge=0.0, description="upper clip ε (null: clip_eps)")
+    recompute_old_logprobs: bool = Field(
+        False,
+        description="recompute π_old with a forward pass instead of taking the engine's per-token "
+        "log-probs (needed when rollouts ran in another precision or engine)",
+    )
+
+    @field_validator("advantage", "small_advantage")
+    @classmethod
+    def _adv(cls, v: str) -> str:
+        from duetlm.grpo import ADVANTAGE_ESTIMATORS
+
+        return _check_name(v, ADVANTAGE_ESTIMATORS, "advantage estimator")
+
+    @field_validator("loss_agg")
+    @classmethod
+    def _agg(cls, v: str) -> str:
+        from duetlm.grpo import AGGREGATIONS
+
+        return _check_name(v, AGGREGATIONS, "loss_agg")
+
+    @field_validator("small_group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        from duetlm.trainer import SMALL_GROUPS
+
+        return _check_name(v, SMALL_GROUPS, "small_group")
+
+
+class OptimConfig(Strict):
+    """AdamW, batching and precision (algorithm.md §3: lr 1e-6, weight decay 0.01, grad clip 1.0)."""
+
+    lr_large: float = Field(1e-6, gt=0.0, description="M's learning rate (constant)")
+    lr_small: float = Field(1e-6, gt=0.0, description="m's learning rate (constant)")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm per update")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch (one PPO epoch)")
+    micro_batch_size: int = Field(
+        8, ge=1, description="sequences per forward/backward; gradients accumulate over a mini-batch"
+    )
+    autocast: Literal["off", "bf16"] = Field("off", description="bf16 autocast of the training forward")
+    logprob_chunk_size: int | None = Field(
+        None, ge=1, description="compute token log-probs in chunks of this many positions (memory)"
+    )
+
+
+class RunConfig(Strict):
+    """Run control: length, run directory, checkpoints, guard rails."""
+
+    steps: int = Field(150, ge=1, description="training steps in all (a resumed run continues to this)")
+    dir: str = Field("runs/duet", description="run directory (config, metrics, checkpoints)")
+    save_every: int = Field(10, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(3, ge=1, description="keep the newest K checkpoints")
+    max_bad_steps: int = Field(3, ge=1, description="stop after K updates in a row with a NaN/inf loss")
+    grading_workers: int = Field(4, ge=1, description="parallel grading workers")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+
+
+class LoggingConfig(Strict):
+    """Metrics, sample tables, validation, progress display."""
+
+    log_every: int = Field(1, ge=1, description="print a progress line every N steps (plain mode)")
+    sample_every: int = Field(10, ge=0, description="write a table of samples every N steps (0: never)")
+    num_samples: int = Field(4, ge=1, description="rows of each sample table")
+    val_every: int = Field(10, ge=0, description="greedy validation every N steps (0: never)")
+    progress: Literal["auto", "rich", "plain", "off"] = Field(
+        "auto", description="auto: a rich bar on a terminal, plain lines otherwise"
+    )
+    tensorboard: bool = Field(True, description="write TensorBoard events under run_dir/tb")
+    wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
+    trackio: bool = Field(False, description="log to trackio (needs `pip install trackio`)")
+    project: str = Field("duetlm", description="W&B / trackio project name")
+
+
+class TrainConfig(Strict):
+    """One training run (`duetlm train --config FILE`). See configs/tiny.yaml and configs/paper/."""
+
+    mode: str = Field("duet", description="duet | single | thinkprune | lgrpo (algorithm.md §2, §5)")
+    schedule: str = Field(
+        "joint", description="joint (both every step) | alternate (M odd steps, m even) | frozen_small"
+    )
+    seed: int = Field(0, description="every random stream derives from (seed, step)")
+    large: ModelConfig = Field(description="M, the model that thinks")
+    small: ModelConfig | None = Field(None, description="m, the model that answers (mode duet)")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="for models with lora: true")
+    data: DataConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        from duetlm.objective import REWARD_FUNCTIONS
+        from duetlm.trainer import MODES
+
+        _check_name(v, REWARD_FUNCTIONS, "mode")
+        return _check_name(v, MODES, "mode")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        from duetlm.trainer import SCHEDULES
+
+        return _check_name(v, SCHEDULES, "schedule")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        from duetlm.trainer import MODES, SCHEDULES, SMALL_GROUPS
+
+        uses_small = MODES[self.mode].uses_small
+        if uses_small and self.small is None:
+            raise ValueError(f"mode {self.mode!r} needs a small model: set small.path")
+        if self.rollout.n < 2:
+            raise ValueError(
+                f"rollout.n must be >= 2: GRPO compares the n rollouts of a prompt (got {self.rollout.n})"
+            )
+        trains_small = uses_small and SCHEDULES[self.schedule].trains_small
+        group_size = SMALL_GROUPS[self.grpo.small_group].size(self.rollout.n, self.rollout.n_small)
+        if trains_small and group_size < 2:
+            raise ValueError(
+                f"m's GRPO groups (grpo.small_group={self.grpo.small_group}) hold {group_size} answer: "
+                f"raise rollout.n_small (got {self.rollout.n_small}) or use small_group=per_prompt"
+            )
+        return self

@@ -1,0 +1,1250 @@
+"""`DuetTrainer`: the rollout → reward → update loop of DUET and its trained baselines.
+
+The trainer only orchestrates; the math is elsewhere (rewards and λ: `objective.py`; advantages,
+log-probs, the PPO-clip loss, KL: `grpo.py`; r(x, y): `grading.py`; prompts and signals: `protocol.py`).
+One step reads as named phases, each timed (`time/<phase>_s` in the metrics):
+
+    rollout      M samples n responses per prompt (DUET: its thinking, stopped at `</think>`) → signals z
+    guided       m answers each (x, z_i) n_m times                                   (duet only)
+    unguided     m answers x alone, as `objective.mu_baseline` asks                   (duet only)
+    grade        every answer graded in parallel (`grading.grade_many`)
+    reference    log π_ref of M's tokens, for the β·KL term of M's reward             (kl_coef > 0)
+    rewards      `objective.compute_reward` (M) and r(x, y_ij) (m)
+    advantages   `grpo.compute_advantages`: M grouped by prompt, m by signal or prompt
+    update_small PPO-clip update of m, then update_large of M (`schedule` says which run this step)
+    lambda       λ ← clip(λ + η (mean L / B − 1), 0, λ_max)                            (duet, single)
+
+Modes (`MODES`): `duet`; `single` (M alone, reward r − λL/B); `thinkprune`; `lgrpo` (algorithm.md §5).
+Schedules (`SCHEDULES`): `joint` (both models every step, m first: the reference), `alternate` (M on odd
+steps, m on even ones), `frozen_small` (the paper's "Fix m" ablation).
+
+Rollouts run on the training models themselves through `HFEngine` / `DuetPipeline` (the engine switches
+to eval mode and no_grad). With one PPO epoch, π_old is the engine's per-token log-prob of each sampled
+token (the untempered policy, the same distribution the update evaluates), so no extra forward pass is
+spent; `grpo.recompute_old_logprobs: true` recomputes it (needed when rollouts ran in another precision
+or engine than the update, e.g. bf16 autocast).
+
+Reproducibility that survives a restart. Every random stream derives from (seed, step, role): the
+generation seeds of M, of guided m and of unguided m, and the order of the data (a seeded permutation per
+epoch, read through a stored cursor). The global python/numpy/torch RNG states go into every checkpoint
+too. So a run killed with SIGKILL and resumed from its last checkpoint reproduces an uninterrupted run's
+per-step metrics and final weights bit for bit on CPU (tests/test_trainer.py kills one to check).
+
+Signals. SIGTERM or SIGINT asks the run to stop: before the step's first update the step is abandoned
+(nothing has changed yet), otherwise it is finished; then a checkpoint is written and `train` returns.
+A second SIGINT aborts at once.
+
+Data sources. `data.source` goes to `duetlm.problems.load_problems`, except `PREFIX:NAME` where PREFIX
+is registered in `SOURCES` (`register_source`): `lab:<task>` calls
+`duetlm.lab.load_problems(task, split=..., limit=...)`, which must return `Problem`s. A caller that
+already has its problems passes them to `DuetTrainer(cfg, train_problems=..., val_problems=...)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from duetlm import checkpoint as ckpt
+from duetlm import grpo, objective, protocol
+from duetlm.config import ConfigError, ModelConfig, TrainConfig, dump_config
+from duetlm.engines.base import Generation, SamplingParams
+from duetlm.errors import DataError, DuetError
+from duetlm.problems import Problem
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch tables (the config validates its names against these)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a training mode needs. The reward itself is `objective.REWARD_FUNCTIONS[mode]`."""
+
+    uses_small: bool  # M writes a signal that m answers (DUET); otherwise M answers itself
+    uses_lambda: bool  # λ enters the reward and follows the dual ascent
+    uses_limit: bool = False  # ThinkPrune's length limit schedule
+
+
+MODES: dict[str, Mode] = {
+    "duet": Mode(uses_small=True, uses_lambda=True),
+    "single": Mode(uses_small=False, uses_lambda=True),
+    "thinkprune": Mode(uses_small=False, uses_lambda=False, uses_limit=True),
+    "lgrpo": Mode(uses_small=False, uses_lambda=False),
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which model a step updates: `updates(step)` → (update m, update M); steps count from 1."""
+
+    trains_small: bool
+    updates: Callable[[int], tuple[bool, bool]]
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "joint": Schedule(True, lambda step: (True, True)),
+    "alternate": Schedule(True, lambda step: (step % 2 == 0, step % 2 == 1)),
+    "frozen_small": Schedule(False, lambda step: (False, True)),
+}
+
+
+@dataclass(frozen=True)
+class SmallGroup:
+    """m's GRPO group: `ids(rollout_of, prompt_of)` → group id of each guided answer (N·n_m,)."""
+
+    ids: Callable[[Tensor, Tensor], Tensor]
+    size: Callable[[int, int], int]  # (n, n_small) -> answers per group
+
+
+SMALL_GROUPS: dict[str, SmallGroup] = {
+    "per_signal": SmallGroup(lambda rollout_of, prompt_of: rollout_of, lambda n, n_small: n_small),
+    "per_prompt": SmallGroup(lambda rollout_of, prompt_of: prompt_of, lambda n, n_small: n * n_small),
+}
+
+# How many unguided answers of m each `objective.MU_BASELINES` entry needs: one estimate (n_m answers)
+# per rollout, per prompt, or none. (objective.py turns the estimates into b; this says what to sample.)
+UNGUIDED_PER: dict[str, str | None] = {"per_rollout": "rollout", "per_prompt": "prompt", "none": None}
+assert set(UNGUIDED_PER) == set(objective.MU_BASELINES), "UNGUIDED_PER must cover objective.MU_BASELINES"
+assert set(MODES) == set(objective.REWARD_FUNCTIONS), "MODES must cover objective.REWARD_FUNCTIONS"
+
+# ---------------------------------------------------------------------------------------------------
+# Data sources
+# ---------------------------------------------------------------------------------------------------
+
+SourceFn = Callable[[str, str | None, int | None], list[Problem]]
+
+
+def _lab_source(name: str, split: str | None, limit: int | None) -> list[Problem]:
+    try:
+        from duetlm import lab
+    except ImportError as err:
+        raise DataError(f"data source 'lab:{name}' needs duetlm.lab ({err})") from None
+    loader = getattr(lab, "load_problems", None)
+    if loader is None:
+        raise DataError(f"data source 'lab:{name}': duetlm.lab has no load_problems(task, split, limit)")
+    return list(loader(name, split=split, limit=limit))
+
+
+SOURCES: dict[str, SourceFn] = {"lab": _lab_source}
+
+
+def register_source(prefix: str, fn: SourceFn) -> None:
+    """Make `data.source: "PREFIX:NAME"` call `fn(NAME, split, limit) -> list[Problem]`."""
+    if not prefix or ":" in prefix:
+        raise ValueError(f"source prefix must be a non-empty name without ':', got {prefix!r}")
+    SOURCES[prefix] = fn
+
+
+def load_source(source: str, split: str | None = None, limit: int | None = None) -> list[Problem]:
+    """Problems of a data source: a registered `PREFIX:NAME` hook, else `problems.load_problems`."""
+    prefix, sep, name = source.partition(":")
+    if sep and prefix in SOURCES:
+        found = SOURCES[prefix](name, split, limit)
+    else:
+        from duetlm.problems import load_problems
+
+        found = load_problems(source, split=split, limit=limit)
+    found = list(found)
+    if not found:
+        raise DataError(f"data source {source!r} (split {split!r}) has no problems")
+    bad = next((p for p in found if not isinstance(p, Problem)), None)
+    if bad is not None:
+        raise DataError(f"data source {source!r} returned {type(bad).__name__}, not duetlm.problems.Problem")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reproducible streams: everything derives from (seed, step, role)
+# ---------------------------------------------------------------------------------------------------
+
+
+def derive_seed(seed: int, *keys: Any) -> int:
+    """A 63-bit seed from (seed, *keys), stable across processes and Python versions."""
+    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
+    """The order of the training problems in `epoch`: a seeded permutation."""
+    order = list(range(size))
+    random.Random(derive_seed(seed, "data", epoch)).shuffle(order)
+    return order
+
+
+def batch_indices(seed: int, cursor: int, batch_size: int, size: int) -> list[int]:
+    """Problems `cursor .. cursor + batch_size - 1` of the endless stream of seeded epochs."""
+    out = []
+    for pos in range(cursor, cursor + batch_size):
+        epoch, offset = divmod(pos, size)
+        out.append(epoch_order(seed, epoch, size)[offset])
+    return out
+
+
+def split_holdout(problems: list[Problem], size: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """(train, validation): `size` problems held out by a seeded draw, the rest for training."""
+    if size >= len(problems):
+        raise DataError(
+            f"data.val_size={size} leaves no training problems (the source has {len(problems)}); "
+            "lower val_size or set data.val_source"
+        )
+    order = list(range(len(problems)))
+    random.Random(derive_seed(seed, "holdout")).shuffle(order)
+    held = set(order[:size])
+    return [p for i, p in enumerate(problems) if i not in held], [problems[i] for i in sorted(held)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records passed between phases
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """A flat batch of N sampled responses of one model, with what the update needs.
+
+    `owner` (N,) long: the index of what each sample answers (M: the prompt; guided m: M's rollout;
+    unguided m: the prompt or the rollout). `old_logprobs`: π_old per response token, ragged (N × L_k).
+    """
+
+    prompt_ids: list[list[int]]
+    token_ids: list[list[int]]
+    texts: list[str]
+    finish: list[str]
+    owner: Tensor  # (N,)
+    old_logprobs: list[Tensor] | None = None  # N × (L_k,)
+
+    @classmethod
+    def from_generations(cls, groups: list[list[Generation]], owners: list[int] | None = None) -> Samples:
+        """Flatten engine output (one list per prompt); owner = the outer index (or `owners[outer]`)."""
+        flat = [(i if owners is None else owners[i], g) for i, gs in enumerate(groups) for g in gs]
+        logprobs = None
+        if flat and all(g.logprobs is not None for _, g in flat):
+            logprobs = [torch.tensor(g.logprobs, dtype=torch.float32) for _, g in flat]
+        return cls(
+            prompt_ids=[list(g.prompt_token_ids) for _, g in flat],
+            token_ids=[list(g.token_ids) for _, g in flat],
+            texts=[g.text for _, g in flat],
+            finish=[g.finish_reason for _, g in flat],
+            owner=torch.tensor([o for o, _ in flat], dtype=torch.long),
+            old_logprobs=logprobs,
+        )
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def lengths(self) -> Tensor:
+        """(N,) generated tokens per sample."""
+        return torch.tensor([len(t) for t in self.token_ids], dtype=torch.float32)
+
+    @property
+    def truncated(self) -> Tensor:
+        """(N,) 1.0 where the sample ran out of tokens."""
+        return torch.tensor([f == "length" for f in self.finish], dtype=torch.float32)
+
+
+@dataclass
+class Rollout:
+    """Phase `rollout`: M's N = P·n responses (owner = prompt) and their signals."""
+
+    large: Samples
+    signals: list[protocol.Signal]  # (N,)
+    signal_lengths: Tensor  # (N,) tokens of each z
+
+
+@dataclass
+class SmallRollout:
+    """Phases `guided` / `unguided`: m's answers with z (owner = rollout) and without (owner = prompt
+    for `per_prompt`, rollout for `per_rollout`; None for `none`)."""
+
+    guided: Samples | None = None  # (N·n_m,)
+    unguided: Samples | None = None  # (P·n_m,) or (N·n_m,)
+
+
+@dataclass
+class Grades:
+    """Phase `grade`: r ∈ {0, 1} of each answer."""
+
+    large: Tensor | None = None  # (N,) M's own answers (modes without m)
+    guided: Tensor | None = None  # (N·n_m,)
+    unguided: Tensor | None = None  # (P·n_m,) or (N·n_m,)
+
+
+@dataclass
+class Rewards:
+    """Phase `rewards`. `large` (N,) is M's R_i; `small` (N·n_m,) is m's r(x, y_ij)."""
+
+    large: Tensor  # (N,)
+    lengths: Tensor  # (N,) L_i as the length term counts it
+    correct: Tensor  # (N,) s_i (duet) or M's own r (baselines)
+    small: Tensor | None = None  # (N·n_m,)
+    baseline: Tensor | None = None  # (N,) b_i
+    unguided_estimate: Tensor | None = None  # (P,) or (N,) m's success without z
+    kl: Tensor | None = None  # (N,) Σ_t (log π_old − log π_ref)
+    limit: int | None = None  # ThinkPrune's limit this step
+
+
+@dataclass
+class Advantages:
+    """Phase `advantages`: one value per sequence."""
+
+    large: Tensor  # (N,)
+    small: Tensor | None = None  # (N·n_m,)
+
+
+@dataclass
+class UpdateStats:
+    """One model's PPO update of one step (means over its mini-batches)."""
+
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    clip_fraction: float = 0.0
+    approx_kl: float = 0.0
+    ratio_max: float = 1.0
+    skipped: int = 0  # mini-batches skipped for a non-finite loss or gradient
+    mini_batches: int = 0
+
+    def to_metrics(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}/loss": self.loss,
+            f"{prefix}/grad_norm": self.grad_norm,
+            f"{prefix}/clip_frac": self.clip_fraction,
+            f"{prefix}/approx_kl": self.approx_kl,
+            f"{prefix}/ratio_max": self.ratio_max,
+            f"{prefix}/skipped": float(self.skipped),
+        }
+
+
+@dataclass
+class StepOutcome:
+    """What one step hands to the logger."""
+
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    bad_update: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequences → padded tensors, log-probs, the PPO update
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """How to run one model's update (from the config, resolved once)."""
+
+    micro_batch_size: int
+    mini_batches: int
+    loss_agg: str
+    clip_eps: float
+    clip_eps_high: float | None
+    max_tokens: int  # the configured maximum response length (seq-mean-token-sum-norm)
+    grad_clip: float
+    autocast: bool
+    chunk_size: int | None
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def pack(samples: Samples, idx: list[int], pad_id: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Right-padded prompt+response rows for samples `idx`.
+
+    Returns input_ids (b, W), attention_mask (b, W), response mask (b, W−1) on the log-prob grid of
+    `grpo.model_token_logprobs` (entry t scores token t+1), and old log-probs (b, W−1) on that grid
+    (zeros when the samples carry none).
+    """
+    rows = [samples.prompt_ids[i] + samples.token_ids[i] for i in idx]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    resp = torch.zeros((len(idx), width - 1), dtype=torch.bool)
+    old = torch.zeros((len(idx), width - 1), dtype=torch.float32)
+    for r, i in enumerate(idx):
+        p, n = len(samples.prompt_ids[i]), len(samples.token_ids[i])
+        ids[r, : p + n] = torch.tensor(rows[r])
+        mask[r, : p + n] = 1
+        resp[r, p - 1 : p + n - 1] = True
+        if samples.old_logprobs is not None:
+            old[r, p - 1 : p + n - 1] = samples.old_logprobs[i]
+    return ids.to(device), mask.to(device), resp.to(device), old.to(device)
+
+
+def _micro_batches(samples: Samples, idx: list[int], size: int) -> Iterator[list[int]]:
+    """Chunks of `idx`, longest rows first, so each micro-batch pads little."""
+    ordered = sorted(idx, key=lambda i: -(len(samples.prompt_ids[i]) + len(samples.token_ids[i])))
+    for lo in range(0, len(ordered), size):
+        yield ordered[lo : lo + size]
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module, samples: Samples, pad_id: int, spec: UpdateSpec
+) -> list[Tensor]:
+    """log π(response tokens) of every sample under `model` (eval mode, no grad): N × (L_k,) on CPU."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    out: list[Tensor | None] = [None] * len(samples)
+    try:
+        for micro in _micro_batches(samples, list(range(len(samples))), spec.micro_batch_size):
+            ids, mask, resp, _ = pack(samples, micro, pad_id, device)
+            with _autocast(device, spec.autocast):
+                logp = grpo.model_token_logprobs(model, ids, mask, chunk_size=spec.chunk_size)
+            logp = logp.float().cpu()
+            for r, i in enumerate(micro):
+                out[i] = logp[r][resp[r].cpu()]
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def policy_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    samples: Samples,
+    advantages: Tensor,
+    pad_id: int,
+    spec: UpdateSpec,
+    seed: int,
+) -> UpdateStats:
+    """One PPO epoch over `samples` (needs `old_logprobs`): `spec.mini_batches` optimizer steps, each
+    accumulating the gradients of its micro-batches with the mini-batch's normalisers, so the result
+    does not depend on the micro-batch size. A mini-batch whose loss or gradient norm is not finite is
+    skipped (no optimizer step) and counted in `skipped`."""
+    if samples.old_logprobs is None:
+        raise ValueError("policy_update needs samples.old_logprobs (π_old)")
+    device = _device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    order = list(range(len(samples)))
+    if spec.mini_batches > 1:
+        random.Random(seed).shuffle(order)
+    minis = [m for m in np.array_split(np.array(order), spec.mini_batches) if len(m)]
+    stats = UpdateStats(ratio_max=0.0)
+    model.train()
+    for mini in minis:
+        mini = mini.tolist()
+        num_tokens = sum(len(samples.token_ids[i]) for i in mini)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, clip_sum, kl_sum, finite = 0.0, 0.0, 0.0, True
+        for micro in _micro_batches(samples, mini, spec.micro_batch_size):
+            ids, mask, resp, old = pack(samples, micro, pad_id, device)
+            with _autocast(device, spec.autocast):
+                logp = grpo.model_token_logprobs(model, ids, mask, chunk_size=spec.chunk_size)
+            out = grpo.policy_loss(
+                logp.float(),
+                old,
+                advantages[micro].to(device),
+                resp,
+                clip_eps=spec.clip_eps,
+                clip_eps_high=spec.clip_eps_high,
+                loss_agg=spec.loss_agg,
+                num_seqs=len(mini),
+                num_tokens=max(num_tokens, 1),
+                max_tokens=spec.max_tokens,
+            )
+            if not torch.isfinite(out.loss):
+                finite = False
+                break
+            out.loss.backward()
+            share = resp.sum().item() / max(num_tokens, 1)  # this micro-batch's share of the tokens
+            loss_sum += out.loss.item()
+            clip_sum += out.clip_fraction.item() * share
+            kl_sum += out.approx_kl.item() * share
+            stats.ratio_max = max(stats.ratio_max, out.ratio_max.item())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)) if finite else math.nan
+        if not (finite and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            stats.skipped += 1
+            continue
+        optimizer.step()
+        stats.mini_batches += 1
+        stats.loss += loss_sum
+        stats.grad_norm += grad_norm
+        stats.clip_fraction += clip_sum
+        stats.approx_kl += kl_sum
+    optimizer.zero_grad(set_to_none=True)
+    done = max(stats.mini_batches, 1)
+    stats.loss, stats.grad_norm = stats.loss / done, stats.grad_norm / done
+    stats.clip_fraction, stats.approx_kl = stats.clip_fraction / done, stats.approx_kl / done
+    stats.ratio_max = stats.ratio_max or 1.0
+    return stats
+
+
+def _pad_ragged(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """N ragged 1-D tensors → (N, L) zero-padded values and (N, L) mask."""
+    values = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    lengths = torch.tensor([len(r) for r in rows])
+    mask = torch.arange(values.shape[1])[None, :] < lengths[:, None]
+    return values, mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase timers and stop requests
+# ---------------------------------------------------------------------------------------------------
+
+
+class PhaseTimer:
+    """`with timer("rollout"): ...` records seconds per phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class StepAborted(Exception):
+    """A stop was requested before the step changed any state; the step is abandoned."""
+
+
+class StopRequest:
+    """SIGTERM / SIGINT handling: the first signal asks for a checkpoint and a clean stop; a second
+    SIGINT raises KeyboardInterrupt at once. Installed only on the main thread."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def check(self) -> None:
+        """Raise `StepAborted` when a stop was requested (call only before a step changes state)."""
+        if self.signum is not None:
+            raise StepAborted
+
+
+class TrainingError(DuetError):
+    """The run cannot go on (e.g. too many non-finite updates in a row)."""
+
+
+@dataclass
+class TrainResult:
+    """What `DuetTrainer.train` returns."""
+
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    stopped_by_signal: int | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Policy:
+    """One trained (or frozen) model with its tokenizer, rollout engine and optimizer."""
+
+    role: str  # "large" (M) or "small" (m)
+    cfg: ModelConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    engine: Any  # HFEngine over `model` itself: rollouts use the weights being trained
+    optimizer: torch.optim.Optimizer | None
+    spec: UpdateSpec
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+
+def _enable_checkpointing(model: Any) -> None:
+    """Gradient (activation) checkpointing: transformers 5.24 renamed the method; older ones differ."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class DuetTrainer:
+    """Train M (and m) with GRPO on the DUET objective or a trained baseline (see the module doc).
+
+    Construction validates everything that can be checked without loading a model: logging backends,
+    the data (loaded here; an empty source is an error), and that each model path exists. `train()`
+    then loads the models (from a checkpoint when resuming) and runs to `run.steps`.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        run_dir: str | Path | None = None,
+        train_problems: list[Problem] | None = None,
+        val_problems: list[Problem] | None = None,
+    ) -> None:
+        from duetlm.logging_utils import check_backends
+        from duetlm.models import resolve_model_path
+
+        self.cfg = cfg
+        self.mode = MODES[cfg.mode]
+        self.schedule = SCHEDULES[cfg.schedule]
+        self.run_dir = Path(run_dir if run_dir is not None else cfg.run.dir)
+        check_backends(cfg.logging)
+        self.train_problems, self.val_problems = self._load_data(train_problems, val_problems)
+        for role, mcfg in self._model_configs():
+            if mcfg.engine != "hf":
+                raise ConfigError(
+                    f"{role}.engine={mcfg.engine!r}: training rolls out with the models being trained, "
+                    "through the HF engine; set engine: hf"
+                )
+            resolve_model_path(mcfg.path)  # a missing model fails here, before any model loads
+        obj = cfg.objective
+        self.lam = objective.LambdaController(
+            init=obj.lambda_init,
+            step_size=obj.lambda_step_size,
+            bound=obj.budget,
+            max_value=obj.lambda_max,
+            schedule=obj.lambda_schedule,
+        )
+        self.step = 0  # completed steps
+        self.cursor = 0  # training problems consumed (position in the stream of seeded epochs)
+        self.bad_steps = 0  # consecutive steps with a skipped (non-finite) update
+        self.stop = StopRequest()
+        self.policies: dict[str, Policy] = {}
+        self.reference: torch.nn.Module | None = None
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def _model_configs(self) -> list[tuple[str, ModelConfig]]:
+        roles = [("large", self.cfg.large)]
+        if self.mode.uses_small:
+            assert self.cfg.small is not None  # TrainConfig guarantees it
+            roles.append(("small", self.cfg.small))
+        return roles
+
+    def _load_data(
+        self, train: list[Problem] | None, val: list[Problem] | None
+    ) -> tuple[list[Problem], list[Problem]]:
+        data = self.cfg.data
+        if train is None:
+            if data.source is None:
+                raise ConfigError("data.source is required: a registered name, a data file, or lab:<task>")
+            train = load_source(data.source, data.split, data.limit)
+        elif not train:
+            raise DataError("train_problems is empty")
+        if val is None and data.val_source is not None:
+            val = load_source(data.val_source, data.val_split, data.val_size or None)
+        elif val is None and data.val_size:
+            train, val = split_holdout(train, data.val_size, self.cfg.seed)
+        return list(train), list(val or [])
+
+    def _update_spec(self, sampling_max_tokens: int) -> UpdateSpec:
+        g, o = self.cfg.grpo, self.cfg.optim
+        return UpdateSpec(
+            micro_batch_size=o.micro_batch_size,
+            mini_batches=o.mini_batches,
+            loss_agg=g.loss_agg,
+            clip_eps=g.clip_eps,
+            clip_eps_high=g.clip_eps_high,
+            max_tokens=sampling_max_tokens,
+            grad_clip=o.grad_clip,
+            autocast=o.autocast == "bf16",
+            chunk_size=o.logprob_chunk_size,
+        )
+
+    def _load_policy(self, role: str, mcfg: ModelConfig, trainable: bool, checkpoint: Path | None) -> Policy:
+        from duetlm.engines.hf import HFEngine
+        from duetlm.models import load_model
+
+        lora = trainable and mcfg.lora
+        spec = str(checkpoint / role) if checkpoint is not None and not lora else mcfg.path
+        model, tokenizer = load_model(spec, dtype=mcfg.dtype, device=mcfg.device, trainable=trainable)
+        if trainable and mcfg.gradient_checkpointing:
+            _enable_checkpointing(model)
+        if lora:
+            model = self._wrap_lora(model, mcfg, checkpoint / f"{role}_adapter" if checkpoint else None)
+        optimizer = None
+        if trainable:
+            o = self.cfg.optim
+            optimizer = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad],
+                lr=o.lr_large if role == "large" else o.lr_small,
+                betas=o.betas,
+                weight_decay=o.weight_decay,
+            )
+        sampling = self.cfg.rollout.large if role == "large" else self.cfg.rollout.small
+        engine = HFEngine(model, tokenizer, max_batch_size=self.cfg.rollout.engine_batch_size)
+        return Policy(
+            role, mcfg, model, tokenizer, engine, optimizer, self._update_spec(sampling.max_new_tokens)
+        )
+
+    def _wrap_lora(self, model: Any, mcfg: ModelConfig, adapter: Path | None) -> Any:
+        from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+
+        lc = self.cfg.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lc.r,
+                lora_alpha=lc.alpha,
+                lora_dropout=lc.dropout,
+                target_modules=lc.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        if mcfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        if adapter is not None:
+            set_peft_model_state_dict(model, load_peft_weights(str(adapter)))
+        return model
+
+    def setup(self, checkpoint: Path | None = None) -> None:
+        """Load the models (from `checkpoint` when resuming), optimizers, λ and RNG states."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the run has its own progress display
+        if self.cfg.run.threads:
+            torch.set_num_threads(self.cfg.run.threads)
+        seed = self.cfg.seed
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)  # LoRA's initial adapter weights come from the global stream
+        for role, mcfg in self._model_configs():
+            trainable = role == "large" or self.schedule.trains_small
+            self.policies[role] = self._load_policy(role, mcfg, trainable, checkpoint)
+        if self.cfg.objective.kl_coef > 0 and not self.policies["large"].is_lora:
+            from duetlm.models import load_model
+
+            # The reference is M's starting weights (the config's path, also when resuming).
+            large = self.cfg.large
+            self.reference, _ = load_model(large.path, dtype=large.dtype, device=large.device)
+        if checkpoint is not None:
+            self._load_state(ckpt.load_state(checkpoint))
+
+    def _state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "step": self.step,
+            "cursor": self.cursor,
+            "bad_steps": self.bad_steps,
+            "lambda": self.lam.state_dict(),
+            "optimizers": {r: p.optimizer.state_dict() for r, p in self.policies.items() if p.optimizer},
+            "rng": ckpt.rng_state(),
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.step, self.cursor, self.bad_steps = state["step"], state["cursor"], state["bad_steps"]
+        self.lam.load_state_dict(state["lambda"])
+        for role, opt_state in state["optimizers"].items():
+            policy = self.policies.get(role)
+            if policy is not None and policy.optimizer is not None:
+                policy.optimizer.load_state_dict(opt_state)
+        ckpt.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the completed step `self.step` atomically (see checkpoint.py)."""
+        from duetlm.models import save_pretrained
+
+        tmp = ckpt.begin_checkpoint(self.run_dir, self.step)
+        for role, policy in self.policies.items():
+            if policy.is_lora:
+                policy.model.save_pretrained(str(tmp / f"{role}_adapter"))
+                # A merged copy as a plain HF directory, so eval and vLLM need no peft.
+                merged = copy.deepcopy(policy.model).merge_and_unload()
+                save_pretrained(merged, policy.tokenizer, tmp / role)
+                del merged
+            else:
+                save_pretrained(policy.model, policy.tokenizer, tmp / role)
+        ckpt.save_state(tmp, self._state_dict())
+        dump_config(self.cfg, tmp / "config.yaml")
+        return ckpt.commit_checkpoint(tmp, self.step, self.cfg.run.keep_last)
+
+    def resolve_resume(self, resume: str | None) -> Path | None:
+        """`None`: a fresh run (an error if the run directory already has checkpoints); `"auto"`: the
+        newest complete checkpoint of the run directory, if any; otherwise a checkpoint directory."""
+        ckpt.remove_partial(self.run_dir)
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if resume is None:
+            if latest is not None:
+                raise DuetError(
+                    f"run directory {self.run_dir} already has checkpoints (newest: {latest.name}); "
+                    "pass --resume auto to continue it, or choose another run.dir"
+                )
+            return None
+        if resume == "auto":
+            return latest
+        path = Path(resume)
+        if not (path / ckpt.COMPLETE).is_file():
+            raise DuetError(f"--resume {resume}: not a complete checkpoint directory (no {ckpt.COMPLETE})")
+        return path
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def train(self, resume: str | None = None) -> TrainResult:
+        """Run (or resume) training up to `run.steps`; returns where it stopped and why."""
+        from duetlm.logging_utils import RunLogger
+
+        start = self.resolve_resume(resume)
+        self.setup(start)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+        logger = RunLogger(
+            self.run_dir,
+            self.cfg.logging,
+            total_steps=self.cfg.run.steps,
+            start_step=self.step,
+            config=self.cfg.model_dump(mode="json"),
+        )
+        if start is not None:
+            logger.message(f"resumed from {start} (step {self.step}, λ = {self.lam.value:.4g})")
+        saved = start if start is not None else None
+        saved_step = self.step if start is not None else -1
+        outcome = None
+        self.stop.install()
+        try:
+            while self.step < self.cfg.run.steps:
+                try:
+                    outcome = self.train_step(self.step + 1)
+                except StepAborted:
+                    break
+                self.step += 1
+                self._finish_step(outcome, logger)
+                every = self.cfg.run.save_every
+                if (every and self.step % every == 0) or self.step == self.cfg.run.steps:
+                    saved, saved_step = self.save_checkpoint(), self.step
+                if self.stop.signum is not None:
+                    break
+            if saved_step != self.step:
+                saved, saved_step = self.save_checkpoint(), self.step
+            if self.stop.signum is not None:
+                logger.message(f"stopped by signal {self.stop.signum}; checkpoint {saved}")
+        finally:
+            self.stop.restore()
+            logger.close()
+        return TrainResult(
+            run_dir=self.run_dir,
+            step=self.step,
+            checkpoint=saved,
+            stopped_by_signal=self.stop.signum,
+            last_metrics=outcome.metrics if outcome is not None else {},
+        )
+
+    def _finish_step(self, outcome: StepOutcome, logger: Any) -> None:
+        """Validation, logging, sample tables and the NaN guard, after step `self.step`."""
+        step, lg = self.step, self.cfg.logging
+        if self.val_problems and lg.val_every and (step % lg.val_every == 0 or step == self.cfg.run.steps):
+            outcome.metrics.update(self.validate())
+        logger.log_step(step, outcome.metrics)
+        if lg.sample_every and step % lg.sample_every == 0:
+            logger.log_samples(step, outcome.samples)
+        self.bad_steps = self.bad_steps + 1 if outcome.bad_update else 0
+        if outcome.bad_update:
+            logger.message(
+                f"step {step}: non-finite loss or gradient; update skipped ({self.bad_steps} in a row)"
+            )
+        if self.bad_steps >= self.cfg.run.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_steps} steps in a row had a non-finite loss or gradient (run.max_bad_steps = "
+                f"{self.cfg.run.max_bad_steps}); lower the learning rate or check the data"
+            )
+
+    def train_step(self, step: int) -> StepOutcome:
+        """One step, phase by phase (module doc). Steps count from 1."""
+        cfg, timer = self.cfg, PhaseTimer()
+        t0 = time.perf_counter()
+        indices = batch_indices(cfg.seed, self.cursor, cfg.rollout.batch_size, len(self.train_problems))
+        problems = [self.train_problems[i] for i in indices]
+        with timer("rollout"):
+            roll = self._rollout(problems, step)
+        self.stop.check()
+        small = SmallRollout()
+        if self.mode.uses_small:
+            with timer("guided"):
+                small.guided = self._guided(problems, roll, step)
+            self.stop.check()
+            with timer("unguided"):
+                small.unguided = self._unguided(problems, roll, step)
+            self.stop.check()
+        with timer("grade"):
+            grades = self._grade(problems, roll, small)
+        update_small, update_large = self.schedule.updates(step)
+        update_small = update_small and small.guided is not None and self.schedule.trains_small
+        if cfg.grpo.recompute_old_logprobs:
+            with timer("old_logprobs"):
+                self._recompute_old(roll.large, small.guided if update_small else None)
+        kl = None
+        if cfg.objective.kl_coef > 0:
+            with timer("reference"):
+                kl = self._reference_kl(roll.large)
+        self.stop.check()
+        with timer("rewards"):
+            rewards = self._rewards(step, roll, small, grades, kl)
+        with timer("advantages"):
+            adv = self._advantages(roll, small, rewards)
+        # From here on the step changes state, so it runs to its end even when a stop is requested.
+        stats: dict[str, UpdateStats] = {}
+        if update_small:
+            with timer("update_small"):
+                stats["small"] = self._update("small", small.guided, adv.small, step)
+        if update_large:
+            with timer("update_large"):
+                stats["large"] = self._update("large", roll.large, adv.large, step)
+        lam_used = self.lam.value
+        with timer("lambda"):
+            if self.mode.uses_lambda:
+                self.lam.update(float(rewards.lengths.mean()))
+        self.cursor += cfg.rollout.batch_size
+        metrics = self._metrics(roll, small, rewards, adv, stats, lam_used)
+        metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
+        metrics["time/step_s"] = time.perf_counter() - t0
+        gen_s = sum(timer.seconds.get(k, 0.0) for k in ("rollout", "guided", "unguided"))
+        metrics["throughput/gen_tokens_per_s"] = metrics["tokens/generated"] / max(gen_s, 1e-9)
+        return StepOutcome(
+            metrics=metrics,
+            samples=self._sample_rows(problems, roll, small, rewards),
+            bad_update=any(s.skipped for s in stats.values()),
+        )
+
+    # -- phases -------------------------------------------------------------------------------------
+
+    def _sampling(self, role: str, n: int, seed: int, greedy: bool = False) -> SamplingParams:
+        s = self.cfg.rollout.large if role == "large" else self.cfg.rollout.small
+        return SamplingParams(
+            temperature=0.0 if greedy else s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            max_new_tokens=s.max_new_tokens,
+            n=n,
+            seed=None if greedy else seed,
+            logprobs=not greedy,
+        )
+
+    def _pipeline(self, large: SamplingParams, small: SamplingParams) -> Any:
+        from duetlm.pipeline import DuetPipeline
+
+        return DuetPipeline(self.policies["large"].engine, self.policies["small"].engine, large, small)
+
+    def _rollout(self, problems: list[Problem], step: int) -> Rollout:
+        """M's n responses per prompt; DUET stops them at the end of thinking (protocol.large_stop)."""
+        large = self.policies["large"]
+        params = self._sampling("large", self.cfg.rollout.n, derive_seed(self.cfg.seed, step, "large"))
+        questions = [p.question for p in problems]
+        if self.mode.uses_small:
+            groups = self._pipeline(params, self._sampling("small", 1, 0)).think(questions)
+        else:  # M thinks and answers itself
+            prompts = [protocol.large_prompt(large.tokenizer, q) for q in questions]
+            groups = large.engine.generate(prompts, params)
+        samples = Samples.from_generations(groups)
+        signals = [protocol.extract_signal(text) for text in samples.texts]
+        lengths = [large.engine.count_tokens(s.text) if s.text else 0 for s in signals]
+        return Rollout(samples, signals, torch.tensor(lengths, dtype=torch.float32))
+
+    def _guided(self, problems: list[Problem], roll: Rollout, step: int) -> Samples:
+        """m's n_m answers to each (x, z_i); owner = the rollout i."""
+        n_small = self.cfg.rollout.n_small
+        params = self._sampling("small", n_small, derive_seed(self.cfg.seed, step, "guided"))
+        prompt_of = roll.large.owner.tolist()
+        questions = [problems[p].question for p in prompt_of]
+        groups = self._pipeline(params, params).answer(questions, [s.text for s in roll.signals], n=n_small)
+        return Samples.from_generations(groups)
+
+    def _unguided(self, problems: list[Problem], roll: Rollout, step: int) -> Samples | None:
+        """m's answers to x alone: n_m per prompt or per rollout, as `mu_baseline` asks (or none)."""
+        per = UNGUIDED_PER[self.cfg.objective.mu_baseline]
+        if per is None:
+            return None
+        n_small = self.cfg.rollout.n_small
+        params = self._sampling("small", n_small, derive_seed(self.cfg.seed, step, "unguided"))
+        prompt_of = list(range(len(problems))) if per == "prompt" else roll.large.owner.tolist()
+        questions = [problems[p].question for p in prompt_of]
+        return Samples.from_generations(
+            self._pipeline(params, params).answer(questions, [None] * len(questions), n=n_small)
+        )
+
+    def _grade(self, problems: list[Problem], roll: Rollout, small: SmallRollout) -> Grades:
+        """Every answer of the step in one parallel `grade_many` call."""
+        from duetlm.grading import grade_many
+
+        prompt_of = roll.large.owner
+        per = UNGUIDED_PER[self.cfg.objective.mu_baseline]
+        parts: list[tuple[str, list[str], list[int]]] = []
+        if small.guided is not None:
+            parts.append(("guided", small.guided.texts, prompt_of[small.guided.owner].tolist()))
+        else:  # M answered itself, after its thinking
+            answers = [protocol.split_response(t)[1] for t in roll.large.texts]
+            parts.append(("large", answers, prompt_of.tolist()))
+        if small.unguided is not None:
+            owners = small.unguided.owner
+            parts.append(
+                (
+                    "unguided",
+                    small.unguided.texts,
+                    (owners if per == "prompt" else prompt_of[owners]).tolist(),
+                )
+            )
+        texts = [t for _, ts, _ in parts for t in ts]
+        probs = [problems[i] for _, _, idx in parts for i in idx]
+        scores = torch.tensor(grade_many(texts, probs, workers=self.cfg.run.grading_workers))
+        out, lo = Grades(), 0
+        for name, ts, _ in parts:
+            setattr(out, name, scores[lo : lo + len(ts)])
+            lo += len(ts)
+        return out
+
+    def _recompute_old(self, large: Samples, guided: Samples | None) -> None:
+        for role, samples in (("large", large), ("small", guided)):
+            if samples is not None:
+                p = self.policies[role]
+                samples.old_logprobs = sequence_logprobs(p.model, samples, p.pad_id, p.spec)
+
+    def _reference_kl(self, large: Samples) -> Tensor:
+        """Σ_t (log π_old − log π_ref) over each of M's responses (N,): the β·KL term of M's reward."""
+        policy = self.policies["large"]
+        if self.reference is not None:
+            ref = sequence_logprobs(self.reference, large, policy.pad_id, policy.spec)
+        else:  # LoRA: the reference is the base model, i.e. M with its adapter switched off
+            with policy.model.disable_adapter():
+                ref = sequence_logprobs(policy.model, large, policy.pad_id, policy.spec)
+        old, mask = _pad_ragged(large.old_logprobs)
+        ref_pad, _ = _pad_ragged(ref)
+        return grpo.sequence_kl_k1(old, ref_pad, mask)
+
+    def _rewards(
+        self, step: int, roll: Rollout, small: SmallRollout, grades: Grades, kl: Tensor | None
+    ) -> Rewards:
+        obj, prompt_of = self.cfg.objective, roll.large.owner
+        lengths = objective.select_lengths(obj.length_measure, roll.large.lengths, roll.signal_lengths)
+        baseline = estimate = small_reward = None
+        if grades.guided is not None:
+            n_small = self.cfg.rollout.n_small
+            correct = grades.guided.view(len(roll.large), n_small).mean(1)  # (N,) s_i
+            per = UNGUIDED_PER[obj.mu_baseline]
+            if grades.unguided is not None:
+                estimate = grades.unguided.view(-1, n_small).mean(1)  # (P,) or (N,)
+            baseline = objective.marginal_utility_baseline(
+                obj.mu_baseline,
+                prompt_of,
+                per_rollout=estimate if per == "rollout" else None,
+                per_prompt=estimate if per == "prompt" else None,
+            )
+            small_reward = grades.guided
+        else:
+            correct = grades.large
+        limit = None
+        if self.mode.uses_limit:
+            limit = objective.thinkprune_limit(
+                step - 1,
+                obj.thinkprune_start,
+                obj.thinkprune_step,
+                obj.thinkprune_every,
+                obj.thinkprune_floor,
+            )
+        large_reward = objective.compute_reward(
+            self.cfg.mode,
+            correct=correct,
+            lengths=lengths,
+            group_ids=prompt_of,
+            lam=self.lam.value,
+            budget=obj.budget,
+            baseline=baseline,
+            limit=limit,
+            kl_sum=kl,
+            beta=obj.kl_coef if kl is not None else 0.0,
+        )
+        return Rewards(large_reward, lengths, correct, small_reward, baseline, estimate, kl, limit)
+
+    def _advantages(self, roll: Rollout, small: SmallRollout, rewards: Rewards) -> Advantages:
+        g = self.cfg.grpo
+        large = grpo.compute_advantages(g.advantage, rewards.large, roll.large.owner, g.norm_std, g.eps)
+        small_adv = None
+        if small.guided is not None and rewards.small is not None:
+            owner = small.guided.owner
+            groups = SMALL_GROUPS[g.small_group].ids(owner, roll.large.owner[owner])
+            small_adv = grpo.compute_advantages(g.small_advantage, rewards.small, groups, g.norm_std, g.eps)
+        return Advantages(large, small_adv)
+
+    def _update(self, role: str, samples: Samples, advantages: Tensor, step: int) -> UpdateStats:
+        p = self.policies[role]
+        assert p.optimizer is not None
+        seed = derive_seed(self.cfg.seed, step, role, "mini-batches")
+        return policy_update(p.model, p.optimizer, samples, advantages, p.pad_id, p.spec, seed)
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def _metrics(
+        self,
+        roll: Rollout,
+        small: SmallRollout,
+        rewards: Rewards,
+        adv: Advantages,
+        stats: dict[str, UpdateStats],
+        lam_used: float,
+    ) -> dict[str, float]:
+        large = roll.large
+        m: dict[str, float] = {
+            "reward/large": float(rewards.large.mean()),
+            "reward/large_std": float(rewards.large.std()) if len(large) > 1 else 0.0,
+            "advantage/large_abs": float(adv.large.abs().mean()),
+            "lambda": lam_used,
+            "lambda/next": self.lam.value,
+            "length/penalised_mean": float(rewards.lengths.mean()),
+            "tokens/large_mean": float(large.lengths.mean()),
+            "tokens/large_max": float(large.lengths.max()),
+            "tokens/large_truncated": float(large.truncated.mean()),
+            "tokens/signal_mean": float(roll.signal_lengths.mean()),
+            "signal/empty_frac": float(np.mean([not s.text for s in roll.signals])),
+            "signal/incomplete_frac": float(np.mean([not s.complete for s in roll.signals])),
+        }
+        generated = float(large.lengths.sum())
+        if small.guided is not None:
+            m["success/guided"] = float(rewards.correct.mean())
+            m["reward/small"] = float(rewards.small.mean()) if rewards.small is not None else 0.0
+            m["tokens/small_mean"] = float(small.guided.lengths.mean())
+            generated += float(small.guided.lengths.sum())
+            if adv.small is not None:
+                m["advantage/small_abs"] = float(adv.small.abs().mean())
+        else:
+            m["success/large"] = float(rewards.correct.mean())
+        if rewards.unguided_estimate is not None and small.unguided is not None:
+            m["success/unguided"] = float(rewards.unguided_estimate.mean())
+            m["success/marginal"] = m["success/guided"] - m["success/unguided"]
+            generated += float(small.unguided.lengths.sum())
+        if rewards.kl is not None:
+            m["kl/reference"] = float(rewards.kl.mean())
+        if rewards.limit is not None:
+            m["thinkprune/limit"] = float(rewards.limit)
+        m["tokens/generated"] = generated
+        for role, s in stats.items():
+            m.update(s.to_metrics(role))
+        return m
+
+    def _sample_rows(
+        self, problems: list[Problem], roll: Rollout, small: SmallRollout, rewards: Rewards
+    ) -> list[dict[str, Any]]:
+        rows = []
+        n_small = self.cfg.rollout.n_small
+        for i in range(min(self.cfg.logging.num_samples, len(roll.large))):
+            problem = problems[int(roll.large.owner[i])]
+            if small.guided is not None:
+                answer = small.guided.texts[i * n_small]
+            else:
+                answer = protocol.split_response(roll.large.texts[i])[1]
+            rows.append(
+                {
+                    "question": problem.question,
+                    "gold": problem.answer,
+                    "signal": roll.signals[i].text,
+                    "answer": answer,
+                    "reward": round(float(rewards.large[i]), 4),
+                    "success": round(float(rewards.correct[i]), 4),
+                    "large_tokens": len(roll.large.token_ids[i]),
+                }
+            )
+        return rows
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Greedy accuracy and M tokens on the held-out problems (`val/...` metrics)."""
+        from duetlm.grading import grade_many
+
+        problems = self.val_problems
+        questions = [p.question for p in problems]
+        large = self._sampling("large", 1, 0, greedy=True)
+        if self.mode.uses_small:
+            results = self._pipeline(large, self._sampling("small", 1, 0, greedy=True)).run(questions)
+            answers = [r.answer for r in results]
+            large_tokens = [r.large_tokens for r in results]
+            small_tokens = [r.small_tokens for r in results]
+        else:
+            policy = self.policies["large"]
+            prompts = [protocol.large_prompt(policy.tokenizer, q) for q in questions]
+            gens = [gs[0] for gs in policy.engine.generate(prompts, large)]
+            answers = [protocol.split_response(g.text)[1] for g in gens]
+            large_tokens, small_tokens = [g.num_tokens for g in gens], []
+        scores = grade_many(answers, problems, workers=self.cfg.run.grading_workers)
+        out = {"val/accuracy": float(np.mean(scores)), "val/large_tokens": float(np.mean(large_tokens))}
+        if small_tokens:
+            out["val/small_tokens"] = float(np.mean(small_tokens))
+        return out
+
+
+def run_training(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    run_dir: str | Path | None = None,
+    train_problems: list[Problem] | None = None,
+    val_problems: list[Problem] | None = None,
+) -> TrainResult:
+    """`duetlm train`: validate, then train (or resume) to `run.steps`."""
+    trainer = DuetTrainer(cfg, run_dir=run_dir, train_problems=train_problems, val_problems=val_problems)
+    return trainer.train(resume=resume)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny models for the CPU config (`duetlm init-tiny`)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tiny_corpus(seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = [protocol.LARGE_INSTRUCTION, protocol.CONCISE_INSTRUCTION]
+    for _ in range(400):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op, value = rng.choice([("+", a + b), ("-", a - b), ("*", a * b)])
+        lines.append(f"What is {a} {op} {b}? {a} {op} {b} = {value}. The answer is \\boxed{{{value}}}.")
+    return lines
+
+
+def init_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Build and save a tiny M (Qwen3, hidden 64, 2 layers) and m (hidden 32, 2 layers) sharing a BPE
+    tokenizer trained locally on arithmetic text: random weights, for trying the trainer on a CPU."""
+    from duetlm.models import save_pretrained, tiny_model, train_tokenizer
+
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(_tiny_corpus(seed), vocab_size=384)
+    large = tiny_model(tokenizer, arch="qwen3", hidden_size=64, num_layers=2, num_heads=4, seed=seed + 1)
+    small = tiny_model(tokenizer, arch="qwen3", hidden_size=32, num_layers=2, num_heads=2, seed=seed + 2)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "large": save_pretrained(large, tokenizer, out / "large"),
+        "small": save_pretrained(small, tokenizer, out / "small"),
+    }

@@ -1,0 +1,486 @@
+"""DuetTrainer end to end on tiny real models (CPU): every mode and schedule, checkpoints and exact
+resume after SIGKILL, SIGTERM, LoRA, guard rails, fail-fast configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duetlm.checkpoint import COMPLETE, latest_checkpoint, load_state
+from duetlm.config import ConfigError, TrainConfig, build_config, load_config
+from duetlm.engines.base import Generation
+from duetlm.errors import DataError, DuetError, ModelLoadError
+from duetlm.logging_utils import read_jsonl
+from duetlm.problems import Problem
+from duetlm.protocol import extract_signal
+from duetlm.trainer import (
+    DuetTrainer,
+    Rollout,
+    Samples,
+    SmallRollout,
+    StepOutcome,
+    TrainingError,
+    UpdateSpec,
+    batch_indices,
+    epoch_order,
+    load_source,
+    policy_update,
+    register_source,
+    split_holdout,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Ten real problems with numeric answers (written here, not copied from a dataset).
+PROBLEMS = [
+    Problem(id=f"t{i}", question=q, answer=a, source="test")
+    for i, (q, a) in enumerate(
+        [
+            ("What is 2 + 3?", "5"),
+            ("What is 7 * 6?", "42"),
+            ("What is 10 - 4?", "6"),
+            ("What is 9 + 9?", "18"),
+            ("What is 12 / 4?", "3"),
+            ("What is 5 * 5?", "25"),
+            ("What is 100 - 1?", "99"),
+            ("What is 8 + 13?", "21"),
+            ("What is 3 * 11?", "33"),
+            ("What is 64 / 8?", "8"),
+        ]
+    )
+]
+
+# Keys whose values are wall-clock measurements (everything else must be reproducible).
+TIMING = ("time/", "throughput/")
+
+
+def tiny_config(tmp_path: Path, large_dir: Path, small_dir: Path, **sections) -> TrainConfig:
+    """A 2-prompt × 2-rollout × 2-answer config with 8-token outputs; `sections` override parts."""
+    data = {
+        "mode": "duet",
+        "seed": 3,
+        "large": {"path": str(large_dir), "device": "cpu"},
+        "small": {"path": str(small_dir), "device": "cpu"},
+        "data": {"source": str(tmp_path / "problems.jsonl")},
+        "rollout": {
+            "batch_size": 2,
+            "n": 2,
+            "n_small": 2,
+            "large": {"max_new_tokens": 8},
+            "small": {"max_new_tokens": 6},
+        },
+        "objective": {"budget": 4, "kl_coef": 0.0, "lambda_step_size": 0.1, "mu_baseline": "per_rollout"},
+        "optim": {"lr_large": 1e-3, "lr_small": 1e-3, "micro_batch_size": 4},
+        "run": {
+            "steps": 2,
+            "dir": str(tmp_path / "run"),
+            "save_every": 1,
+            "grading_workers": 1,
+            "threads": 1,
+        },
+        "logging": {"tensorboard": False, "progress": "off", "sample_every": 1, "val_every": 0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **value}
+        else:
+            data[key] = value
+    return build_config(TrainConfig, data)
+
+
+def write_problems(path: Path, problems: list[Problem] = PROBLEMS) -> Path:
+    path.write_text(
+        "".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n" for p in problems)
+    )
+    return path
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def reproducible(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
+
+
+# --------------------------------------------------------------------------------------------------
+# Every mode and schedule, end to end
+
+
+@pytest.mark.parametrize(
+    ("mode", "schedule"),
+    [
+        ("duet", "joint"),
+        ("duet", "alternate"),
+        ("duet", "frozen_small"),
+        ("single", "joint"),
+        ("thinkprune", "joint"),
+        ("lgrpo", "joint"),
+    ],
+)
+def test_mode_and_schedule_run_end_to_end(tmp_path, tiny_dir, tiny_llama_dir, mode, schedule):
+    cfg = tiny_config(
+        tmp_path,
+        tiny_dir,
+        tiny_llama_dir,
+        mode=mode,
+        schedule=schedule,
+        objective={"thinkprune_start": 6, "thinkprune_step": 2, "thinkprune_every": 1, "thinkprune_floor": 2},
+    )
+    result = DuetTrainer(cfg, train_problems=PROBLEMS).train()
+    assert result.step == 2 and result.stopped_by_signal is None
+    records = metrics_of(result.run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert all(isinstance(v, float) and v == v for k, v in r.items() if k != "step"), r
+        assert 1 <= r["tokens/large_mean"] <= 8
+    ckpt = result.checkpoint
+    assert ckpt == result.run_dir / "checkpoints" / "step_000002" and (ckpt / COMPLETE).is_file()
+    start_large = weights(tiny_dir)
+    assert any(not torch.equal(start_large[k], v) for k, v in weights(ckpt / "large").items())
+    updated = [({"large", "small"} & {k.split("/")[0] for k in r}) for r in records]
+    if mode != "duet":
+        assert not (ckpt / "small").exists()
+        assert all(u == {"large"} for u in updated) and "success/large" in records[0]
+    elif schedule == "joint":
+        assert updated == [{"large", "small"}] * 2
+    elif schedule == "alternate":
+        assert updated == [{"large"}, {"small"}]  # M on odd steps, m on even steps
+    else:  # frozen_small: m never changes
+        assert updated == [{"large"}] * 2
+        start_small = weights(tiny_llama_dir)
+        assert all(torch.equal(start_small[k], v) for k, v in weights(ckpt / "small").items())
+    if mode in ("duet", "single"):  # λ follows the dual ascent: λ_1 = clip(0 + 0.1 (L/4 − 1))
+        first = records[0]
+        expected = min(max(0.1 * (first["length/penalised_mean"] / 4 - 1), 0.0), 1.0)
+        assert first["lambda"] == 0.0 and first["lambda/next"] == pytest.approx(expected)
+        assert records[1]["lambda"] == first["lambda/next"]
+    if mode == "thinkprune":
+        assert [r["thinkprune/limit"] for r in records] == [6.0, 4.0]
+    samples = read_jsonl(result.run_dir / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1, 2] and {"question", "signal", "answer", "reward"} <= set(
+        samples[0]["rows"][0]
+    )
+
+
+def test_checkpoint_is_a_normal_hf_directory_and_restores_state(tmp_path, tiny_dir, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = tiny_config(tmp_path, tiny_dir, tiny_llama_dir, logging={"val_every": 2, "tensorboard": True})
+    trainer = DuetTrainer(cfg, train_problems=PROBLEMS[:6], val_problems=PROBLEMS[6:])
+    result = trainer.train()
+    ckpt = result.checkpoint
+    for role in ("large", "small"):
+        model = AutoModelForCausalLM.from_pretrained(ckpt / role)
+        AutoTokenizer.from_pretrained(ckpt / role)
+        live = trainer.policies[role].model.state_dict()
+        assert all(torch.equal(live[k], v) for k, v in model.state_dict().items())
+    assert (ckpt / "config.yaml").is_file() and (result.run_dir / "config.yaml").is_file()
+    assert list((result.run_dir / "tb").glob("events.out.tfevents.*"))
+    records = metrics_of(result.run_dir)
+    assert "val/accuracy" not in records[0] and 0.0 <= records[1]["val/accuracy"] <= 1.0
+    assert records[1]["val/large_tokens"] >= 1
+
+    # A new trainer resuming from the checkpoint has the same λ, step, data cursor, optimizer state.
+    resumed = DuetTrainer(cfg, train_problems=PROBLEMS[:6], val_problems=PROBLEMS[6:])
+    resumed.setup(latest_checkpoint(result.run_dir))
+    assert resumed.step == 2 and resumed.cursor == 4
+    assert resumed.lam.value == records[-1]["lambda/next"] == trainer.lam.value > 0
+    assert resumed.lam.num_updates == 2
+    for role in ("large", "small"):
+        a = trainer.policies[role].optimizer.state_dict()["state"]
+        b = resumed.policies[role].optimizer.state_dict()["state"]
+        assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
+    # Without --resume, an existing run directory is not silently overwritten.
+    with pytest.raises(DuetError, match="--resume auto"):
+        DuetTrainer(cfg, train_problems=PROBLEMS).train()
+
+
+def test_lora_gradient_checkpointing_reference_kl_and_accumulation(tmp_path, tiny_dir, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(
+        tmp_path,
+        tiny_dir,
+        tiny_llama_dir,
+        large={"lora": True, "gradient_checkpointing": True},
+        lora={"r": 4, "alpha": 8},
+        objective={"kl_coef": 0.01, "mu_baseline": "per_prompt"},
+        grpo={"recompute_old_logprobs": True},
+        optim={"micro_batch_size": 1, "mini_batches": 2, "lr_large": 1e-2},
+        run={"steps": 1},
+    )
+    trainer = DuetTrainer(cfg, train_problems=PROBLEMS)
+    result = trainer.train()
+    (record,) = metrics_of(result.run_dir)
+    assert "kl/reference" in record and record["large/skipped"] == 0.0
+    ckpt = result.checkpoint
+    assert (ckpt / "large_adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(ckpt / "large")  # merged: no peft needed
+    start = weights(tiny_dir)
+    assert any(not torch.equal(start[k], v) for k, v in merged.state_dict().items() if k in start)
+    # Resuming loads the base weights plus the saved adapter.
+    resumed = DuetTrainer(cfg, train_problems=PROBLEMS)
+    resumed.setup(ckpt)
+    live = trainer.policies["large"].model.state_dict()
+    again = resumed.policies["large"].model.state_dict()
+    assert live.keys() == again.keys() and all(torch.equal(live[k], again[k]) for k in live)
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact resume after SIGKILL, and SIGTERM, through the real CLI
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "duetlm.cli", *args]
+
+
+def cli_env() -> dict[str, str]:
+    return dict(os.environ, TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+
+
+def write_config(tmp_path: Path, large: Path, small: Path, name: str, **run) -> Path:
+    cfg = tiny_config(tmp_path, large, small, run={"dir": str(tmp_path / name), **run})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    return path
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the trainer")
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, tiny_dir, tiny_llama_dir):
+    write_problems(tmp_path / "problems.jsonl")
+    straight = write_config(tmp_path, tiny_dir, tiny_llama_dir, "straight", steps=4, save_every=2)
+    killed = write_config(tmp_path, tiny_dir, tiny_llama_dir, "killed", steps=4, save_every=2)
+    env = cli_env()
+    ref = subprocess.Popen(
+        cli("train", "--config", str(straight)), env=env, stderr=subprocess.PIPE, text=True
+    )
+    proc = subprocess.Popen(cli("train", "--config", str(killed)), env=env, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "killed"
+    wait_for(lambda: (run / "checkpoints" / "step_000002" / COMPLETE).exists(), proc)
+    proc.send_signal(signal.SIGKILL)  # somewhere in step 3
+    proc.wait()
+    assert latest_checkpoint(run).name == "step_000002"
+    resumed = subprocess.run(
+        cli("train", "--config", str(killed), "--resume", "auto"), env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+
+    a, b = metrics_of(tmp_path / "straight"), metrics_of(run)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert reproducible(a) == reproducible(b)
+    assert a[-1]["lambda/next"] > 0  # λ moved, so its restore was tested
+    final_a = latest_checkpoint(tmp_path / "straight")
+    final_b = latest_checkpoint(run)
+    for role in ("large", "small"):
+        wa, wb = weights(final_a / role), weights(final_b / role)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert load_state(final_a)["lambda"] == load_state(final_b)["lambda"]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(tmp_path, tiny_dir, tiny_llama_dir):
+    write_problems(tmp_path / "problems.jsonl")
+    config = write_config(tmp_path, tiny_dir, tiny_llama_dir, "term", steps=1000, save_every=0)
+    run = tmp_path / "term"
+    proc = subprocess.Popen(
+        cli("train", "--config", str(config)), env=cli_env(), stderr=subprocess.PIPE, text=True
+    )
+    wait_for(
+        lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 1,
+        proc,
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None
+    state = load_state(ckpt)
+    assert ckpt.name == f"step_{state['step']:06d}" and state["step"] >= 1
+    assert len(metrics_of(run)) == state["step"]  # the abandoned step left no trace
+
+
+# --------------------------------------------------------------------------------------------------
+# Guard rails
+
+
+def test_empty_signal_is_valid_and_tied_rewards_give_zero_advantages(tmp_path, tiny_dir, tiny_llama_dir):
+    cfg = tiny_config(tmp_path, tiny_dir, tiny_llama_dir, objective={"mu_baseline": "per_prompt"})
+    trainer = DuetTrainer(cfg, train_problems=PROBLEMS)
+    trainer.setup()
+    tok = trainer.policies["large"].tokenizer
+    close = tok.convert_tokens_to_ids("</think>")
+    prompt = tok.encode("x", add_special_tokens=False)
+    # M closed its thinking at once: the signal is empty (and complete) for every rollout.
+    gens = [[Generation(0, [close], "</think>", "stop", prompt, [-0.5]) for _ in range(2)] for _ in range(2)]
+    large = Samples.from_generations(gens)
+    roll = Rollout(large, [extract_signal("</think>")] * 4, torch.zeros(4))
+    assert roll.signals[0].text == "" and roll.signals[0].complete
+    problems = PROBLEMS[:2]
+    small = SmallRollout(trainer._guided(problems, roll, 1), trainer._unguided(problems, roll, 1))
+    assert len(small.guided) == 4 * 2 and len(small.unguided) == 2 * 2
+    grades = trainer._grade(problems, roll, small)
+    rewards = trainer._rewards(1, roll, small, grades, None)
+    adv = trainer._advantages(roll, small, rewards)
+    # Every rollout has the same length and m (random) fails everywhere: all rewards tie.
+    assert torch.equal(rewards.large, torch.zeros(4)) and torch.equal(adv.large, torch.zeros(4))
+    assert torch.equal(adv.small, torch.zeros(8))
+
+
+def test_non_finite_loss_skips_the_update(tiny_dir):
+    from duetlm.models import load_model
+
+    model, tok = load_model(str(tiny_dir), device="cpu", trainable=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gens = [[Generation(0, [5, 6, 7], "", "stop", [1, 2, 3], [-1.0] * 3)] * 2]
+    samples = Samples.from_generations(gens)
+    spec = UpdateSpec(4, 1, "token-mean", 0.2, None, 8, 1.0, False, None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = policy_update(
+        model, opt, samples, torch.tensor([float("nan"), 1.0]), tok.pad_token_id, spec, seed=0
+    )
+    assert stats.skipped == 1 and stats.mini_batches == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    stats = policy_update(model, opt, samples, torch.tensor([-1.0, 1.0]), tok.pad_token_id, spec, seed=0)
+    assert stats.skipped == 0 and stats.mini_batches == 1
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_dir):
+    from duetlm.models import load_model
+
+    lengths = [3, 5, 2, 4]
+    gens = [
+        [
+            Generation(0, list(range(10, 10 + n)), "", "stop", [1, 2, 3 + i], [-2.0] * n)
+            for i, n in enumerate(lengths)
+        ]
+    ]
+    samples = Samples.from_generations(gens)
+    adv = torch.tensor([1.0, -0.5, 0.25, -1.0])
+    out = {}
+    for micro in (1, 4):
+        model, tok = load_model(str(tiny_dir), device="cpu", trainable=True)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        spec = UpdateSpec(micro, 1, "token-mean", 0.2, None, 8, 1e9, False, None)
+        policy_update(model, opt, samples, adv, tok.pad_token_id, spec, seed=0)
+        out[micro] = model.state_dict()
+    assert all(torch.allclose(out[1][k], out[4][k], atol=1e-6) for k in out[1])
+    start = load_model(str(tiny_dir), device="cpu")[0].state_dict()
+    assert any(not torch.allclose(start[k], out[1][k]) for k in start)
+
+
+def test_consecutive_bad_updates_stop_the_run(tmp_path, tiny_dir, tiny_llama_dir):
+    from duetlm.logging_utils import RunLogger
+
+    cfg = tiny_config(tmp_path, tiny_dir, tiny_llama_dir, run={"max_bad_steps": 2})
+    trainer = DuetTrainer(cfg, train_problems=PROBLEMS)
+    logger = RunLogger(tmp_path / "log", cfg.logging, total_steps=5, start_step=0, config={})
+    try:
+        for step, bad in enumerate([True, False, True], start=1):
+            trainer.step = step
+            trainer._finish_step(StepOutcome({"x": 0.0}, bad_update=bad), logger)
+        assert trainer.bad_steps == 1
+        trainer.step = 4
+        with pytest.raises(TrainingError, match="2 steps in a row"):
+            trainer._finish_step(StepOutcome({"x": 0.0}, bad_update=True), logger)
+    finally:
+        logger.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Data order and sources
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    order = epoch_order(0, 0, 10)
+    assert sorted(order) == list(range(10)) and order == epoch_order(0, 0, 10) != epoch_order(0, 1, 10)
+    stream = batch_indices(0, 0, 25, 10)
+    assert stream == batch_indices(0, 0, 12, 10) + batch_indices(0, 12, 13, 10)  # a cursor resumes it
+    assert sorted(stream[:10]) == sorted(stream[10:20]) == list(range(10))
+    train, val = split_holdout(PROBLEMS, 3, seed=0)
+    assert len(val) == 3 and len(train) == 7 and not {p.id for p in val} & {p.id for p in train}
+    with pytest.raises(DataError, match="val_size"):
+        split_holdout(PROBLEMS, 10, seed=0)
+
+
+def test_registered_source_prefix(tmp_path):
+    register_source("unit", lambda name, split, limit: PROBLEMS[: int(name)])
+    assert load_source("unit:3") == PROBLEMS[:3]
+    with pytest.raises(DataError, match="no problems"):
+        load_source("unit:0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input fails before any model loads
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"rollout": {"n": 1}}, "rollout.n must be >= 2"),
+        ({"rollout": {"n_small": 1}}, "raise rollout.n_small"),
+        ({"mode": "dual"}, "unknown mode 'dual'; valid: duet, single, thinkprune, lgrpo"),
+        ({"schedule": "both"}, "unknown schedule 'both'; valid: joint, alternate, frozen_small"),
+        ({"grpo": {"advantage": "ppo"}}, "unknown advantage estimator 'ppo'"),
+        ({"grpo": {"loss_agg": "sum"}}, "unknown loss_agg 'sum'"),
+        ({"objective": {"mu_baseline": "mean"}}, "unknown mu_baseline 'mean'"),
+        ({"small": None}, "needs a small model"),
+        ({"rollout": {"n_small": 3, "nn": 2}}, "rollout.nn: unknown key"),
+    ],
+)
+def test_bad_config_fails_with_a_clear_message(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny_config(tmp_path, tmp_path, tmp_path, **override)
+
+
+def test_missing_model_and_empty_data_fail_before_loading(tmp_path, tiny_dir):
+    cfg = tiny_config(tmp_path, tiny_dir, tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        DuetTrainer(cfg, train_problems=PROBLEMS)
+    cfg = tiny_config(tmp_path, tiny_dir, tiny_dir, data={"source": "unit-empty:x"})
+    register_source("unit-empty", lambda name, split, limit: [])
+    with pytest.raises(DataError, match="unit-empty:x.*no problems"):
+        DuetTrainer(cfg)
+
+
+def test_cli_bad_config_is_one_line(tmp_path, tiny_dir):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"large:\n  path: {tiny_dir}\ndata:\n  source: x.jsonl\nrollout:\n  n: 1\n  bogus: 2\n")
+    r = subprocess.run(cli("train", "--config", str(path)), env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: invalid config")
+    assert "rollout.bogus: unknown key" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped configs
+
+
+def test_shipped_configs_validate():
+    for path in [REPO / "configs" / "tiny.yaml", *sorted((REPO / "configs" / "paper").glob("*.yaml"))]:
+        cfg = load_config(TrainConfig, path)
+        assert cfg.rollout.n >= 2, path
+    assert len(list((REPO / "configs" / "paper").glob("*.yaml"))) >= 3
