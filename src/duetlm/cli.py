@@ -81,6 +81,42 @@ def infer(
 
 @app.command()
 @user_errors
+def train(
+    config: Annotated[str, typer.Option("--config", "-c", help="YAML training config (configs/tiny.yaml)")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a config key: --set rollout.n=8 (repeatable)")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="'auto' (newest complete checkpoint of the run dir) or a checkpoint dir")
+    ] = None,
+    run_dir: Annotated[str | None, typer.Option(help="run directory (overrides run.dir)")] = None,
+) -> None:
+    """Train M (and m) with GRPO on the DUET objective or a baseline; checkpoints are resumable."""
+    from duetlm.config import TrainConfig, load_config
+    from duetlm.trainer import run_training
+
+    cfg = load_config(TrainConfig, config, set_)
+    result = run_training(cfg, resume=resume, run_dir=run_dir)
+    typer.echo(f"step {result.step}/{cfg.run.steps}; checkpoint {result.checkpoint}")
+    if result.stopped_by_signal is not None:
+        raise typer.Exit(128 + result.stopped_by_signal)
+
+
+@app.command("init-tiny")
+@user_errors
+def init_tiny(
+    out_dir: Annotated[str, typer.Argument(help="folder for large/ and small/")],
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Build a tiny random M and m (Qwen3 architecture, local tokenizer) for configs/tiny.yaml."""
+    from duetlm.trainer import init_tiny as build
+
+    paths = build(out_dir, seed=seed)
+    typer.echo(f"M: {paths['large']}\nm: {paths['small']}")
+
+
+@app.command()
+@user_errors
 def serve(
     large: Annotated[str | None, typer.Option(help="M: hub id, local dir, .gguf file or short name")] = None,
     large_url: Annotated[
