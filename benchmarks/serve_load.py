@@ -1,0 +1,222 @@
+"""Load test of `duetlm serve`: windowed batching against batching off, side by side.
+
+For each mode, starts `duetlm serve` in its own process on 127.0.0.1 (an ephemeral port), sends
+`--requests` chat completions with `--concurrency` in flight (httpx, asyncio), and prints: requests
+answered / lost (a lost request is any that did not come back 200 with a signal and an answer),
+p50 / p99 latency, throughput, and the mean engine batch per stage (from `/health`). Then the ratios
+batched / off. Greedy decoding, so both modes do the same work per request.
+
+By default M and m are tiny random Qwen3 / Llama models built on the spot (their outputs are
+nonsense, their cost is real); `--large` / `--small` take any model spec (`smollm2-135m`, a directory,
+a hub id). Client and server share this machine's CPUs: on a busy machine the figures are noisy.
+
+    python benchmarks/serve_load.py                      # 200 requests, concurrency 16, tiny models
+    python benchmarks/serve_load.py --large smollm2-135m --small smollm2-135m --requests 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+CORPUS = [
+    "What is 12 + 7? Let's think step by step and output the final answer within \\boxed{}.",
+    "First add the ones: 2 + 7 = 9. Then the tens: 10. So the answer is \\boxed{19}.",
+    "Compute 3 * (4 + 5). The sum is 9, times 3 gives 27. The answer is 27.",
+    "A train travels 60 miles in 1.5 hours. What is its average speed in miles per hour?",
+    "hmm, wait, let me check again: 6 * 7 = 42, yes. ok so the result is 42.",
+] * 4
+
+
+def tiny_models(root: Path) -> tuple[str, str]:
+    """A tiny M (Qwen3, 4 layers, hidden 128) and m (Llama, 2 layers, hidden 64), saved under `root`."""
+    from duetlm.models import save_pretrained, tiny_model, train_tokenizer
+
+    tok = train_tokenizer(CORPUS, vocab_size=320)
+    large = tiny_model(tok, arch="qwen3", hidden_size=128, num_layers=4, num_heads=4, seed=1)
+    small = tiny_model(tok, arch="llama", hidden_size=64, num_layers=2, num_heads=2, seed=2)
+    return str(save_pretrained(large, tok, root / "M")), str(save_pretrained(small, tok, root / "m"))
+
+
+class Server:
+    """`duetlm serve` in a subprocess; `url` is read from uvicorn's start-up line."""
+
+    def __init__(self, args: list[str], threads: int) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "duetlm.cli", "serve", "--port", "0", *args]
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+        )
+        self.log: list[str] = []
+        self._url: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 300
+        while not self._url:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise SystemExit("duetlm serve did not start:\n" + "".join(self.log[-30:]))
+            time.sleep(0.05)
+        self.url = self._url[0]
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+            found = re.search(r"running on (http://\S+)", line)
+            if found:
+                self._url.append(found.group(1))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+@dataclass
+class LoadResult:
+    ok: int
+    lost: int
+    latencies: list[float]
+    wall_s: float
+    stages: dict[str, dict[str, float]]
+
+    def pct(self, q: float) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.wall_s
+
+
+def questions(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"What is {rng.randint(1, 999)} + {rng.randint(1, 999)}? Explain briefly." for _ in range(n)]
+
+
+async def load(url: str, qs: list[str], concurrency: int, model: str) -> tuple[int, int, list[float], float]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    lost = 0
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one(q: str) -> None:
+            nonlocal lost
+            async with gate:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(
+                        "/v1/chat/completions",
+                        json={"model": model, "messages": [{"role": "user", "content": q}]},
+                    )
+                    message = r.json()["choices"][0]["message"] if r.status_code == 200 else None
+                except (httpx.HTTPError, ValueError, KeyError):
+                    message = None
+                if message is None or "reasoning_content" not in message or message.get("content") is None:
+                    lost += 1
+                    return
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(q) for q in qs))
+        wall = time.perf_counter() - t0
+    return len(latencies), lost, latencies, wall
+
+
+def run_mode(serve_args: list[str], args: argparse.Namespace) -> LoadResult:
+    server = Server(serve_args, args.threads)
+    try:
+        # Warm-up (first-call allocations), not counted; the stage counters are read as differences.
+        asyncio.run(load(server.url, questions(2, seed=99), 2, "duet"))
+        before = httpx.get(server.url + "/health").json()["stages"]
+        ok, lost, latencies, wall = asyncio.run(
+            load(server.url, questions(args.requests), args.concurrency, "duet")
+        )
+        after = httpx.get(server.url + "/health").json()["stages"]
+    finally:
+        server.close()
+    stages = {}
+    for name in after:
+        calls = after[name]["calls"] - before[name]["calls"]
+        reqs = after[name]["requests"] - before[name]["requests"]
+        stages[name] = {"calls": calls, "mean_batch": reqs / calls if calls else 0.0}
+    return LoadResult(ok, lost, latencies, wall, stages)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--large", help="M (default: a tiny Qwen3 built on the spot)")
+    parser.add_argument("--small", help="m (default: a tiny Llama built on the spot)")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--window-ms", type=float, default=5.0)
+    parser.add_argument("--signal-tokens", type=int, default=32, help="M's thinking cap")
+    parser.add_argument("--answer-tokens", type=int, default=32, help="m's answer cap")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    args = parser.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    large, small = args.large, args.small
+    if large is None or small is None:
+        tiny_large, tiny_small = tiny_models(Path(tmp.name))
+        large, small = large or tiny_large, small or tiny_small
+    common = ["--large", large, "--small", small, "--device", "cpu", "--max-queue", str(4 * args.concurrency)]
+    common += ["--max-signal-tokens", str(args.signal_tokens), "--max-answer-tokens", str(args.answer_tokens)]
+    modes = {
+        f"batched (B={args.max_batch}, W={args.window_ms:g} ms)": common
+        + ["--max-batch", str(args.max_batch), "--batch-window-ms", str(args.window_ms)],
+        "batching off (B=1)": common + ["--max-batch", "1", "--batch-window-ms", "0"],
+    }
+    print(
+        f"duetlm serve load: {args.requests} requests, concurrency {args.concurrency}, M={large}, m={small}, "
+        f"signal<={args.signal_tokens}, answer<={args.answer_tokens} tokens, greedy, {args.threads} torch threads"
+    )
+    results = {}
+    for name, serve_args in modes.items():
+        results[name] = run_mode(serve_args, args)
+        print(f"  done: {name}", flush=True)
+    tmp.cleanup()
+
+    names = list(results)
+    rows = [
+        ("answered", lambda r: f"{r.ok}"),
+        ("lost", lambda r: f"{r.lost}"),
+        ("p50 latency (s)", lambda r: f"{r.pct(0.5):.3f}"),
+        ("p99 latency (s)", lambda r: f"{r.pct(0.99):.3f}"),
+        ("mean latency (s)", lambda r: f"{statistics.fmean(r.latencies):.3f}" if r.latencies else "nan"),
+        ("throughput (req/s)", lambda r: f"{r.throughput:.2f}"),
+        ("wall (s)", lambda r: f"{r.wall_s:.1f}"),
+        ("M engine calls", lambda r: f"{r.stages['large']['calls']}"),
+        ("M mean batch", lambda r: f"{r.stages['large']['mean_batch']:.2f}"),
+        ("m engine calls", lambda r: f"{r.stages['small']['calls']}"),
+        ("m mean batch", lambda r: f"{r.stages['small']['mean_batch']:.2f}"),
+    ]
+    width = max(len(n) for n in names) + 2
+    print(f"\n{'':22}" + "".join(f"{n:>{width}}" for n in names))
+    for label, fmt in rows:
+        print(f"{label:22}" + "".join(f"{fmt(results[n]):>{width}}" for n in names))
+    on, off = results[names[0]], results[names[1]]
+    print(
+        f"\nbatched / off: throughput x{on.throughput / off.throughput:.2f}, "
+        f"p50 latency x{on.pct(0.5) / off.pct(0.5):.2f}, p99 latency x{on.pct(0.99) / off.pct(0.99):.2f}"
+    )
+    if on.lost or off.lost:
+        raise SystemExit(f"lost requests: batched {on.lost}, off {off.lost}")
+
+
+if __name__ == "__main__":
+    main()
