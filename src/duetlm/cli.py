@@ -158,6 +158,98 @@ def serve(
     run_server(build_config(ServeConfig, options, origin="duetlm serve options"))
 
 
+data_app = typer.Typer(
+    help="Look at problem sources: registered names, hub ids (owner/name), local data files.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+_SourceArg = Annotated[
+    str, typer.Argument(help="registered name (math500, ...), hub id, or .jsonl/.json/.parquet/.csv file")
+]
+_SplitOpt = Annotated[str | None, typer.Option(help="split (registered names have a default)")]
+_DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="offline mirror (or $DUETLM_DATA_DIR)")]
+_SkipOpt = Annotated[bool, typer.Option("--skip-bad-rows", help="skip bad rows with a warning, don't fail")]
+_FieldOpt = Annotated[str | None, typer.Option(help="column of a hub id or file (dotted: nested field)")]
+
+
+def _cli_problems(
+    source: str,
+    split: str | None,
+    limit: int | None,
+    data_dir: str | None,
+    skip_bad_rows: bool,
+    fields: dict[str, str | None],
+) -> list[Any]:
+    """`load_problems` for the data commands; skipped-row warnings become one `warning:` line each."""
+    import warnings
+
+    from duetlm.problems import load_problems
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        problems = load_problems(
+            source,
+            split=split,
+            limit=limit,
+            data_dir=data_dir,
+            on_error="skip" if skip_bad_rows else "raise",
+            **{k: v for k, v in fields.items() if v is not None},
+        )
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
+    return problems
+
+
+@data_app.command("show")
+@user_errors
+def data_show(
+    source: _SourceArg,
+    limit: Annotated[int, typer.Option(help="how many problems to print")] = 5,
+    split: _SplitOpt = None,
+    data_dir: _DataDirOpt = None,
+    skip_bad_rows: _SkipOpt = False,
+    question_field: _FieldOpt = None,
+    answer_field: _FieldOpt = None,
+    id_field: _FieldOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Print the first problems of a source: id, kind, question (with options) and gold answer."""
+    import dataclasses
+
+    from duetlm.problems import render_question
+
+    fields = {"question_field": question_field, "answer_field": answer_field, "id_field": id_field}
+    for problem in _cli_problems(source, split, limit, data_dir, skip_bad_rows, fields):
+        if as_json:
+            sys.stdout.write(json.dumps(dataclasses.asdict(problem), ensure_ascii=False) + "\n")
+            continue
+        typer.echo(f"[{problem.id}] ({problem.kind})")
+        typer.echo(render_question(problem))
+        typer.echo(f"answer: {problem.answer}\n")
+
+
+@data_app.command("stats")
+@user_errors
+def data_stats(
+    source: _SourceArg,
+    split: _SplitOpt = None,
+    data_dir: _DataDirOpt = None,
+    skip_bad_rows: _SkipOpt = False,
+    question_field: _FieldOpt = None,
+    answer_field: _FieldOpt = None,
+    id_field: _FieldOpt = None,
+) -> None:
+    """Count the problems of a source by kind."""
+    from collections import Counter
+
+    fields = {"question_field": question_field, "answer_field": answer_field, "id_field": id_field}
+    problems = _cli_problems(source, split, None, data_dir, skip_bad_rows, fields)
+    typer.echo(f"{source}: {len(problems)} problems")
+    for kind, count in sorted(Counter(p.kind for p in problems).items()):
+        typer.echo(f"  {kind}: {count}")
+
+
 def main() -> None:  # pragma: no cover - console entry point alternative
     app()
 if __name__ == "__main__":
