@@ -3,6 +3,7 @@ resume after SIGKILL, SIGTERM, LoRA, guard rails, fail-fast configs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -148,6 +149,8 @@ def test_mode_and_schedule_run_end_to_end(tmp_path, tiny_dir, tiny_llama_dir, mo
     for r in records:
         assert all(isinstance(v, float) and v == v for k, v in r.items() if k != "step"), r
         assert 1 <= r["tokens/large_mean"] <= 8
+        # π_old from the engine matches the update's own forward pass: the ratio starts at 1.
+        assert abs(r["large/ratio_max"] - 1) < 1e-4 if "large/ratio_max" in r else True
     ckpt = result.checkpoint
     assert ckpt == result.run_dir / "checkpoints" / "step_000002" and (ckpt / COMPLETE).is_file()
     start_large = weights(tiny_dir)
@@ -221,7 +224,7 @@ def test_lora_gradient_checkpointing_reference_kl_and_accumulation(tmp_path, tin
         lora={"r": 4, "alpha": 8},
         objective={"kl_coef": 0.01, "mu_baseline": "per_prompt"},
         grpo={"recompute_old_logprobs": True},
-        optim={"micro_batch_size": 1, "mini_batches": 2, "lr_large": 1e-2},
+        optim={"micro_batch_size": 1, "mini_batches": 2, "lr_large": 1e-2, "autocast": "bf16"},
         run={"steps": 1},
     )
     trainer = DuetTrainer(cfg, train_problems=PROBLEMS)
@@ -467,6 +470,13 @@ def test_missing_model_and_empty_data_fail_before_loading(tmp_path, tiny_dir):
         DuetTrainer(cfg)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")
+def test_enabled_but_missing_logger_fails_fast(tmp_path, tiny_dir):
+    cfg = tiny_config(tmp_path, tiny_dir, tiny_dir, logging={"wandb": True})
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        DuetTrainer(cfg, train_problems=PROBLEMS)
+
+
 def test_cli_bad_config_is_one_line(tmp_path, tiny_dir):
     path = tmp_path / "bad.yaml"
     path.write_text(f"large:\n  path: {tiny_dir}\ndata:\n  source: x.jsonl\nrollout:\n  n: 1\n  bogus: 2\n")
@@ -484,3 +494,37 @@ def test_shipped_configs_validate():
         cfg = load_config(TrainConfig, path)
         assert cfg.rollout.n >= 2, path
     assert len(list((REPO / "configs" / "paper").glob("*.yaml"))) >= 3
+
+
+def test_tiny_config_trains_through_the_cli(tmp_path):
+    from duetlm.trainer import init_tiny
+
+    paths = init_tiny(tmp_path / "models")
+    r = subprocess.run(
+        cli(
+            "train",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+            "--set",
+            f"large.path={paths['large']}",
+            "--set",
+            f"small.path={paths['small']}",
+            "--set",
+            f"run.dir={tmp_path / 'run'}",
+            "--set",
+            "run.steps=1",
+            "--set",
+            "logging.val_every=1",
+        ),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "step 1/1" in r.stdout and "val" in r.stdout  # the plain progress line (not a terminal)
+    (record,) = metrics_of(tmp_path / "run")
+    assert (
+        record["val/large_tokens"] >= 1
+        and (tmp_path / "run" / "checkpoints" / "step_000001" / COMPLETE).is_file()
+    )

@@ -189,6 +189,29 @@ class DataConfig(Strict):
     val_size: int = Field(
         0, ge=0, description="validation problems (first of val_source, or a seeded hold-out of source)"
     )
+    data_dir: str | None = Field(
+        None, description="offline mirror of registered datasets (default: $DUETLM_DATA_DIR)"
+    )
+    question_field: str | None = Field(None, description="question column of a file or hub dataset")
+    answer_field: str | None = Field(None, description="answer column of a file or hub dataset")
+    id_field: str | None = Field(None, description="id column of a file or hub dataset")
+    solution_field: str | None = Field(
+        None, description="solution column whose last \\boxed{} is the answer (when there is no answer)"
+    )
+    answer_format: str = Field("plain", description="plain | number | gsm8k (files and hub datasets)")
+
+    def load_options(self) -> dict[str, Any]:
+        """Keyword options for `duetlm.problems.load_problems` (only those that were set)."""
+        options = {
+            "data_dir": self.data_dir,
+            "question_field": self.question_field,
+            "answer_field": self.answer_field,
+            "id_field": self.id_field,
+            "solution_field": self.solution_field,
+        }
+        if self.answer_format != "plain":
+            options["answer_format"] = self.answer_format
+        return {k: v for k, v in options.items() if v is not None}
 
 
 class RolloutConfig(Strict):
@@ -229,6 +252,20 @@ class ObjectiveConfig(Strict):
     thinkprune_step: int = Field(1000, ge=0, description="ThinkPrune: limit decrease per stage")
     thinkprune_every: int = Field(20, ge=1, description="ThinkPrune: steps per stage")
     thinkprune_floor: int = Field(1000, ge=0, description="ThinkPrune: lowest limit")
+
+    @model_validator(mode="after")
+    def _lambda_range(self) -> ObjectiveConfig:
+        if self.lambda_max is not None and self.lambda_init > self.lambda_max:
+            raise ValueError(
+                f"objective.lambda_init={self.lambda_init} exceeds lambda_max={self.lambda_max}; "
+                "lower lambda_init or raise lambda_max"
+            )
+        if self.thinkprune_floor > self.thinkprune_start:
+            raise ValueError(
+                f"objective.thinkprune_floor={self.thinkprune_floor} exceeds thinkprune_start="
+                f"{self.thinkprune_start}"
+            )
+        return self
 
     @field_validator("mu_baseline")
     @classmethod

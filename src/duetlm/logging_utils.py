@@ -130,9 +130,10 @@ class RunLogger:
             TimeRemainingColumn,
         )
 
+        # The bar stays compact (step, elapsed, ETA, λ); the full metrics line is printed above it.
         self._progress = Progress(
             TextColumn("[bold]train"),
-            BarColumn(),
+            BarColumn(bar_width=30),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
@@ -166,9 +167,13 @@ class RunLogger:
         self._show(step, metrics)
 
     def _show(self, step: int, metrics: dict[str, Any]) -> None:
+        due = step % self.cfg.log_every == 0 or step == self.total_steps
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, info=headline(metrics))
-        elif self._mode == "plain" and (step % self.cfg.log_every == 0 or step == self.total_steps):
+            info = f"λ {_fmt(metrics['lambda/next'])}" if "lambda/next" in metrics else ""
+            self._progress.update(self._task, completed=step, info=info)
+            if due:
+                self._progress.console.print(f"step {step}/{self.total_steps} | {headline(metrics)}")
+        elif self._mode == "plain" and due:
             done = step - self.start_step
             elapsed = time.perf_counter() - self._t0
             eta = elapsed / max(done, 1) * (self.total_steps - step)

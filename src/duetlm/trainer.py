@@ -63,7 +63,7 @@ from duetlm import grpo, objective, protocol
 from duetlm.config import ConfigError, ModelConfig, TrainConfig, dump_config
 from duetlm.engines.base import Generation, SamplingParams
 from duetlm.errors import DataError, DuetError
-from duetlm.problems import Problem
+from duetlm.problems import Problem, render_question
 
 # ---------------------------------------------------------------------------------------------------
 # Dispatch tables (the config validates its names against these)
@@ -149,15 +149,18 @@ def register_source(prefix: str, fn: SourceFn) -> None:
     SOURCES[prefix] = fn
 
 
-def load_source(source: str, split: str | None = None, limit: int | None = None) -> list[Problem]:
-    """Problems of a data source: a registered `PREFIX:NAME` hook, else `problems.load_problems`."""
+def load_source(
+    source: str, split: str | None = None, limit: int | None = None, **options: Any
+) -> list[Problem]:
+    """Problems of a data source: a registered `PREFIX:NAME` hook, else `problems.load_problems`
+    (which takes `options`: column names, answer format, offline mirror)."""
     prefix, sep, name = source.partition(":")
     if sep and prefix in SOURCES:
         found = SOURCES[prefix](name, split, limit)
     else:
         from duetlm.problems import load_problems
 
-        found = load_problems(source, split=split, limit=limit)
+        found = load_problems(source, split=split, limit=limit, **options)
     found = list(found)
     if not found:
         raise DataError(f"data source {source!r} (split {split!r}) has no problems")
@@ -596,6 +599,26 @@ class Policy:
         return hasattr(self.model, "peft_config")
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(saved: Path, cfg: TrainConfig) -> list[str]:
+    """Dotted keys whose value in `cfg` differs from the config saved at `saved` (YAML)."""
+    import yaml
+
+    if not saved.is_file():
+        return []
+    old = _flatten(yaml.safe_load(saved.read_text()) or {})
+    new = _flatten(cfg.model_dump(mode="json"))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
 def _enable_checkpointing(model: Any) -> None:
     """Gradient (activation) checkpointing: transformers 5.24 renamed the method; older ones differ."""
     kwargs = {"use_reentrant": False}
@@ -668,11 +691,12 @@ class DuetTrainer:
         if train is None:
             if data.source is None:
                 raise ConfigError("data.source is required: a registered name, a data file, or lab:<task>")
-            train = load_source(data.source, data.split, data.limit)
+            train = load_source(data.source, data.split, data.limit, **data.load_options())
         elif not train:
             raise DataError("train_problems is empty")
         if val is None and data.val_source is not None:
-            val = load_source(data.val_source, data.val_split, data.val_size or None)
+            mirror = {"data_dir": data.data_dir} if data.data_dir else {}
+            val = load_source(data.val_source, data.val_split, data.val_size or None, **mirror)
         elif val is None and data.val_size:
             train, val = split_holdout(train, data.val_size, self.cfg.seed)
         return list(train), list(val or [])
@@ -836,6 +860,9 @@ class DuetTrainer:
         )
         if start is not None:
             logger.message(f"resumed from {start} (step {self.step}, λ = {self.lam.value:.4g})")
+            changed = config_changes(start / "config.yaml", self.cfg)
+            if changed:
+                logger.message("config differs from the checkpoint's: " + ", ".join(changed))
         saved = start if start is not None else None
         saved_step = self.step if start is not None else -1
         outcome = None
@@ -967,7 +994,7 @@ class DuetTrainer:
         """M's n responses per prompt; DUET stops them at the end of thinking (protocol.large_stop)."""
         large = self.policies["large"]
         params = self._sampling("large", self.cfg.rollout.n, derive_seed(self.cfg.seed, step, "large"))
-        questions = [p.question for p in problems]
+        questions = [render_question(p) for p in problems]
         if self.mode.uses_small:
             groups = self._pipeline(params, self._sampling("small", 1, 0)).think(questions)
         else:  # M thinks and answers itself
@@ -983,7 +1010,7 @@ class DuetTrainer:
         n_small = self.cfg.rollout.n_small
         params = self._sampling("small", n_small, derive_seed(self.cfg.seed, step, "guided"))
         prompt_of = roll.large.owner.tolist()
-        questions = [problems[p].question for p in prompt_of]
+        questions = [render_question(problems[p]) for p in prompt_of]
         groups = self._pipeline(params, params).answer(questions, [s.text for s in roll.signals], n=n_small)
         return Samples.from_generations(groups)
 
@@ -995,7 +1022,7 @@ class DuetTrainer:
         n_small = self.cfg.rollout.n_small
         params = self._sampling("small", n_small, derive_seed(self.cfg.seed, step, "unguided"))
         prompt_of = list(range(len(problems))) if per == "prompt" else roll.large.owner.tolist()
-        questions = [problems[p].question for p in prompt_of]
+        questions = [render_question(problems[p]) for p in prompt_of]
         return Samples.from_generations(
             self._pipeline(params, params).answer(questions, [None] * len(questions), n=n_small)
         )
@@ -1187,7 +1214,7 @@ class DuetTrainer:
         from duetlm.grading import grade_many
 
         problems = self.val_problems
-        questions = [p.question for p in problems]
+        questions = [render_question(p) for p in problems]
         large = self._sampling("large", 1, 0, greedy=True)
         if self.mode.uses_small:
             results = self._pipeline(large, self._sampling("small", 1, 0, greedy=True)).run(questions)
@@ -1237,8 +1264,11 @@ def _tiny_corpus(seed: int = 0) -> list[str]:
 def init_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Build and save a tiny M (Qwen3, hidden 64, 2 layers) and m (hidden 32, 2 layers) sharing a BPE
     tokenizer trained locally on arithmetic text: random weights, for trying the trainer on a CPU."""
+    from transformers.utils import logging as hf_logging
+
     from duetlm.models import save_pretrained, tiny_model, train_tokenizer
 
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     tokenizer = train_tokenizer(_tiny_corpus(seed), vocab_size=384)
     large = tiny_model(tokenizer, arch="qwen3", hidden_size=64, num_layers=2, num_heads=4, seed=seed + 1)
