@@ -115,6 +115,77 @@ def init_tiny(
     typer.echo(f"M: {paths['large']}\nm: {paths['small']}")
 
 
+@app.command("eval")
+@user_errors
+def eval_(
+    large: Annotated[str, typer.Option(help="M: hub id, local dir, .gguf file or short name")],
+    benchmarks: Annotated[str, typer.Option(help="comma-separated: math500,amc23,... or data files")],
+    methods: Annotated[str, typer.Option(help="comma-separated: duet,original,truncation:B,prompt,small")],
+    output: Annotated[str, typer.Option(help="output directory; an existing one is resumed")],
+    small: Annotated[str | None, typer.Option(help="m (needed by duet and small)")] = None,
+    samples: Annotated[int, typer.Option(help="samples per problem and method")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    limit: Annotated[int | None, typer.Option(help="first K problems of each benchmark")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="folder of local benchmark files")] = None,
+    max_signal_tokens: Annotated[int, typer.Option(help="cap on M's thinking tokens")] = 1024,
+    max_answer_tokens: Annotated[int, typer.Option(help="cap on the answer (m's or M's)")] = 512,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int, typer.Option(help="samples generated together")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
+) -> None:
+    """Evaluate methods (DUET and the inference baselines) on benchmarks; write records, tables, plot."""
+    from duetlm.evaluate import make_config, run_eval
+
+    cfg = make_config(
+        large=large,
+        small=small,
+        benchmarks=[benchmarks],
+        methods=[methods],
+        samples=samples,
+        temperature=temperature,
+        output=output,
+        limit=limit,
+        data_dir=data_dir,
+        max_signal_tokens=max_signal_tokens,
+        max_answer_tokens=max_answer_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+    )
+    summary = run_eval(cfg, progress=progress)
+    typer.echo(
+        f"{summary.generated} samples generated ({summary.done_before} already done) in "
+        f"{summary.wall_s:.1f} s; wrote {summary.output}/results.json, table.md, pareto.png"
+    )
+    typer.echo((summary.output / "table.md").read_text())
+
+
+@app.command()
+@user_errors
+def report(
+    dirs: Annotated[list[str], typer.Argument(help="one eval output directory, or two to compare")],
+    output: Annotated[str | None, typer.Option(help="also write the comparison to this file")] = None,
+) -> None:
+    """Re-render an eval directory's results.json, table.md and pareto.png; with two, compare them."""
+    from pathlib import Path
+
+    from duetlm.report import TABLE_FILE, render_comparison, write_report
+
+    if len(dirs) == 1:
+        write_report(dirs[0])
+        text = (Path(dirs[0]) / TABLE_FILE).read_text()
+    elif len(dirs) == 2:
+        text = render_comparison(dirs[0], dirs[1])
+    else:
+        raise DuetError(f"report takes one directory, or two to compare (got {len(dirs)})")
+    if output:
+        Path(output).write_text(text)
+    typer.echo(text)
+
+
 @app.command()
 @user_errors
 def serve(
