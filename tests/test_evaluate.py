@@ -396,7 +396,17 @@ def test_report_renders_and_compares(tmp_path, full_run):
         ({"--methods": "duet,beam"}, "unknown method 'beam'; valid methods: duet, original, truncation:B"),
         ({"--methods": "truncation:abc"}, "method 'truncation:abc': the budget must be a positive whole"),
         ({"--samples": "0"}, "--samples: input should be greater than or equal to 1 (got 0)"),
-        ({"--benchmarks": "no-such-benchmark"}, "no-such-benchmark"),
+        ({"--benchmarks": "no-such-benchmark"}, "unknown source 'no-such-benchmark'"),
+        ({"--large-engine": "gpu"}, "--large-engine 'gpu' is not an engine; valid: hf, vllm, remote"),
+        ({"--large-engine": "remote"}, "--large-engine remote needs --large-url"),
+        (
+            {
+                "--large-engine": "remote",
+                "--large-url": "http://127.0.0.1:9",
+                "--methods": "duet,truncation:8",
+            },
+            "truncation:8: budget forcing continues M's assistant turn",
+        ),
     ],
 )
 def test_bad_input_fails_fast(tmp_path, problem_file, change, message):

@@ -133,6 +133,10 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="samples generated together")] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    large_engine: Annotated[str, typer.Option(help="M's engine: hf, vllm, remote")] = "hf",
+    large_url: Annotated[str | None, typer.Option(help="M's server URL (remote engine)")] = None,
+    small_engine: Annotated[str, typer.Option(help="m's engine: hf, vllm")] = "hf",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
 ) -> None:
     """Evaluate methods (DUET and the inference baselines) on benchmarks; write records, tables, plot."""
@@ -154,6 +158,10 @@ def eval_(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
+        large_engine=large_engine,
+        large_url=large_url,
+        small_engine=small_engine,
+        threads=threads,
     )
     summary = run_eval(cfg, progress=progress)
     typer.echo(

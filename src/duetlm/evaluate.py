@@ -153,6 +153,10 @@ class EvalConfig(Strict):
     batch_size: int = Field(8, ge=1, description="samples generated together")
     device: str = "auto"
     dtype: str = "auto"
+    large_engine: str = Field("hf", description="M's engine: hf, vllm or remote (`duetlm.engines`)")
+    large_url: str | None = Field(None, description="M's OpenAI-compatible server (large_engine remote)")
+    small_engine: str = Field("hf", description="m's engine: hf or vllm")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
 
     @field_validator("methods")
     @classmethod
@@ -197,7 +201,16 @@ def make_config(**options: Any) -> EvalConfig:
 
 
 # Options that change what a sample is: a resumed run must keep them.
-_RESUME_KEYS = ("large", "temperature", "top_p", "max_signal_tokens", "max_answer_tokens", "seed")
+_RESUME_KEYS = (
+    "large",
+    "large_engine",
+    "small_engine",
+    "temperature",
+    "top_p",
+    "max_signal_tokens",
+    "max_answer_tokens",
+    "seed",
+)
 
 
 def _check_resumable(previous: dict[str, Any], cfg: EvalConfig, out_dir: Path) -> None:
@@ -325,16 +338,43 @@ def run_batch(pipe: DuetPipeline, items: list[WorkItem], seed: int) -> list[Samp
     ]
 
 
-def build_engines(cfg: EvalConfig, need_small: bool) -> tuple[Engine, Engine | None]:
-    from duetlm.pipeline import build_hf_engine
+def _check_engines(cfg: EvalConfig, methods: list[MethodSpec]) -> None:
+    """Engine choices the methods cannot use, refused before anything is loaded."""
+    from duetlm.engines import ENGINE_BUILDERS
 
-    large = build_hf_engine(cfg.large, dtype=cfg.dtype, device=cfg.device)
+    for flag, name in (("--large-engine", cfg.large_engine), ("--small-engine", cfg.small_engine)):
+        if name not in ENGINE_BUILDERS:
+            raise DuetError(f"{flag} {name!r} is not an engine; valid: {', '.join(ENGINE_BUILDERS)}")
+    if cfg.small_engine == "remote":
+        raise DuetError(
+            "--small-engine remote: m's prompt continues an assistant turn; run m with hf or vllm"
+        )
+    if cfg.large_engine == "remote":
+        if not cfg.large_url:
+            raise DuetError("--large-engine remote needs --large-url http://host:port")
+        forced = [m.name for m in methods if m.kind == "truncation"]
+        if forced:
+            raise DuetError(
+                f"{', '.join(forced)}: budget forcing continues M's assistant turn, which a chat endpoint "
+                "cannot do; run M with hf or vllm"
+            )
+
+
+def build_engines(cfg: EvalConfig, need_small: bool) -> tuple[Engine, Engine | None]:
+    """M's and m's engines (`duetlm.engines.build_engine`); one engine when both are the same model."""
+    from duetlm.config import ModelConfig
+    from duetlm.engines import build_engine
+
+    def model(path: str, engine: str, url: str | None) -> ModelConfig:
+        return ModelConfig(path=path, dtype=cfg.dtype, device=cfg.device, engine=engine, url=url)
+
+    large = build_engine(model(cfg.large, cfg.large_engine, cfg.large_url), seed=cfg.seed)
     if not need_small:
         return large, None
-    small = (
-        large if cfg.small == cfg.large else build_hf_engine(cfg.small, dtype=cfg.dtype, device=cfg.device)
-    )
-    return large, small
+    assert cfg.small is not None  # run_eval checked
+    if cfg.small == cfg.large and cfg.small_engine == cfg.large_engine:
+        return large, large
+    return large, build_engine(model(cfg.small, cfg.small_engine, None), seed=cfg.seed)
 
 
 @dataclass
@@ -369,6 +409,8 @@ def run_eval(
     if need_small and cfg.small is None and small_engine is None:
         users = ", ".join(m.name for m in methods if m.definition.uses_small)
         raise DuetError(f"--small is required by the method(s) {users}")
+    if large_engine is None:
+        _check_engines(cfg, methods)
     if problems is None:
         problems = {name: load_benchmark(name, cfg.limit, cfg.data_dir) for name in cfg.benchmarks}
     for name, ps in problems.items():
@@ -389,6 +431,10 @@ def run_eval(
     total = sum(len(g) for g in work)
 
     models = dict(previous.get("models", {}))
+    if total and cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     if total:
         if large_engine is None:
             large_engine, loaded_small = build_engines(cfg, need_small and small_engine is None)
