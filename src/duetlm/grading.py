@@ -51,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,7 +69,7 @@ MAX_NESTING = 8  # braces / brackets / parentheses; gold answers nest 2 deep, pa
 MAX_DIGITS = 10_000  # no benchmark answer is a number with more digits than this
 MAX_BOX_CHARS = 10_000  # a \boxed{...} longer than this is treated as unclosed
 TAIL_CHARS = 8_000  # answer phrases and the last number are looked for in this many final characters
-_CACHE_SIZE = 1 << 16
+_CACHE_SIZE = 1 << 16  # cached sympy verdicts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,8 +354,9 @@ def _parse(latex: str) -> list[Any]:
 
     # Timeouts are ours (see module docstring): math-verify's signal.alarm would fail off the main
     # thread and would cancel a caller's alarm.
+    # "~" is a space in LaTeX (`10~\\text{cm}`); math-verify reads it as a symbol.
     return mv.parse(
-        "\\boxed{" + latex + "}",
+        "\\boxed{" + latex.replace("~", " ") + "}",
         extraction_config=[mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()],
         parsing_timeout=None,  # type: ignore[arg-type]
     )
@@ -439,20 +441,59 @@ def _as_integer(s: str) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def _equivalent_cached(gold: str, pred: str, timeout: float) -> bool:
+def _quick_verdict(gold: str, pred: str) -> bool | None:
+    """Decide without sympy where that is safe: equal spellings, two integers, absurd predictions."""
     if _canonical(gold) == _canonical(pred):
         return True
     # Integer against integer (AIME, AMC, GSM8K, DAPO, the lab): no rounding can make two different
-    # integers equal, so sympy has nothing to add. Everything else goes to math-verify.
+    # integers equal, so sympy has nothing to add.
     gold_int, pred_int = _as_integer(gold), _as_integer(pred)
     if gold_int is not None and pred_int is not None:
         return gold_int == pred_int
     if not _text_guard(pred):
         return False
+    return None
+
+
+class _Verdicts:
+    """A thread-safe LRU of sympy verdicts keyed by (gold, pred, timeout): rollouts repeat answers."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[tuple[str, str, float], bool] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, float]) -> bool | None:
+        with self._lock:
+            if key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def put(self, key: tuple[str, str, float], verdict: bool) -> None:
+        with self._lock:
+            self._data[key] = verdict
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+_VERDICTS = _Verdicts(_CACHE_SIZE)
+
+
+def _verify_pairs(pairs: list[tuple[str, str]], timeout: float) -> list[bool]:
+    """math-verify verdicts for pairs that passed `_quick_verdict`: in-process or in a helper."""
     if _alarm_usable():
-        return _verify_in_process(gold, pred, timeout)
-    return _helper_pool().verify(gold, pred, timeout)
+        verdicts = [_verify_in_process(gold, pred, timeout) for gold, pred in pairs]
+    else:
+        verdicts = _helper_pool().verify_many(pairs, timeout)
+    for (gold, pred), verdict in zip(pairs, verdicts, strict=True):
+        _VERDICTS.put((gold, pred, timeout), verdict)
+    return verdicts
 
 
 def answers_equivalent(gold: str, pred: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -462,13 +503,22 @@ def answers_equivalent(gold: str, pred: str, *, timeout: float = DEFAULT_TIMEOUT
     """
     if not isinstance(pred, str) or not isinstance(gold, str) or not gold.strip():
         return False
-    return _equivalent_cached(gold, pred, float(timeout))
+    quick = _quick_verdict(gold, pred)
+    if quick is not None:
+        return quick
+    cached = _VERDICTS.get((gold, pred, float(timeout)))
+    if cached is not None:
+        return cached
+    return _verify_pairs([(gold, pred)], float(timeout))[0]
 
 
 def clear_cache() -> None:
-    """Forget cached verdicts (for benchmarks that must measure the comparison itself)."""
-    _equivalent_cached.cache_clear()
+    """Forget cached verdicts and parses in this process (benchmarks that measure the comparison)."""
+    _VERDICTS.clear()
     _parse_gold.cache_clear()
+    if "math_verify" in sys.modules:
+        _math_verify().parser.parse_latex_cached.cache_clear()
+        _math_verify().parser.parse_expr_cached.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,16 +546,16 @@ def grade_many(
     workers: int = 1,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> list[float]:
-    """`grade` over pairs (`responses[i]` answers `problems[i]`), comparisons spread over `workers`.
+    """`grade` over pairs (`responses[i]` answers `problems[i]`), with `workers` comparisons at once.
 
-    `workers=1` grades in the calling thread. `workers>1` extracts answers in the calling thread and
-    sends the distinct (gold, answer) pairs that need sympy to `workers` helper processes at once.
+    Answers are extracted in the calling thread; each distinct (gold, answer) pair is compared once.
+    `workers=1` compares in the calling thread. `workers=N` runs N comparisons at a time: N - 1
+    threads each hand theirs to a helper process (the GIL keeps sympy from running in parallel in
+    one process), and the calling thread, if it is the main thread, does its share in-process.
+    N is capped at the number of CPUs this process may use.
     """
     if len(responses) != len(problems):
         raise ValueError(f"grade_many: {len(responses)} responses for {len(problems)} problems")
-    if workers <= 1:
-        return [grade(r, p, timeout=timeout) for r, p in zip(responses, problems, strict=True)]
-
     scores = [0.0] * len(responses)
     pending: dict[tuple[str, str], list[int]] = {}
     for i, (response, problem) in enumerate(zip(responses, problems, strict=True)):
@@ -514,19 +564,47 @@ def grade_many(
             continue
         if problem.kind == "choice":
             scores[i] = 1.0 if pred == problem.answer.strip().upper() else 0.0
-        else:
+            continue
+        quick = _quick_verdict(problem.answer, pred) if problem.answer.strip() else False
+        verdict = quick if quick is not None else _VERDICTS.get((problem.answer, pred, float(timeout)))
+        if verdict is None:
             pending.setdefault((problem.answer, pred), []).append(i)
+        elif verdict:
+            scores[i] = 1.0
 
-    def verdict(pair: tuple[str, str]) -> bool:
-        return answers_equivalent(pair[0], pair[1], timeout=timeout)
-
-    # Threads, not processes, fan out: each thread hands its comparison to a helper process, so the
-    # sympy work runs in parallel while the threads only wait on pipes.
+    # Chunks of pairs, so that a helper process costs one pipe round trip per chunk, not per pair.
     pairs = list(pending)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="duetlm-grade") as pool:
-        for pair, ok in zip(pairs, pool.map(verdict, pairs), strict=True):
-            for i in pending[pair]:
-                scores[i] = 1.0 if ok else 0.0
+    size = max(1, min(16, len(pairs) // (4 * max(workers, 1))))
+    todo: queue.SimpleQueue[list[tuple[str, str]]] = queue.SimpleQueue()
+    for k in range(0, len(pairs), size):
+        todo.put(pairs[k : k + size])
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = todo.get_nowait()
+            except queue.Empty:
+                return
+            for pair, verdict in zip(chunk, _verify_pairs(chunk, float(timeout)), strict=True):
+                if verdict:
+                    for i in pending[pair]:
+                        scores[i] = 1.0
+
+    # More comparisons at once than cores only adds processes competing for the same CPUs.
+    workers = min(
+        workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+    if workers <= 1 or len(pairs) <= size:
+        drain()
+        return scores
+    in_process = _alarm_usable()
+    threads = workers - 1 if in_process else workers
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="duetlm-grade") as pool:
+        futures = [pool.submit(drain) for _ in range(threads)]
+        if in_process:
+            drain()
+        for future in futures:
+            future.result()  # re-raise a helper that could not start
     return scores
 
 
@@ -536,7 +614,8 @@ def grade_many(
 
 
 class _Helper:
-    """One `python -c` child that answers JSON lines {"gold", "pred", "timeout"} with {"ok": bool}."""
+    """One `python -c` child. Request: a JSON line {"pairs": [[gold, pred], ...], "timeout": s}.
+    Reply: one line per pair, in order, as each verdict is ready ("1" or "0")."""
 
     def __init__(self) -> None:
         src = str(Path(__file__).resolve().parents[1])  # so the child imports this very duetlm
@@ -570,18 +649,21 @@ class _Helper:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
 
-    def verify(self, gold: str, pred: str, timeout: float) -> bool | None:
-        """The child's verdict, or None if it died or overran (the caller then discards it)."""
+    def verify_many(self, pairs: list[tuple[str, str]], timeout: float) -> tuple[list[bool], bool]:
+        """Verdicts for a prefix of `pairs`, and False if the child died or overran on the next pair."""
         assert self.proc.stdin is not None
-        request = json.dumps({"gold": gold, "pred": pred, "timeout": timeout}).encode() + b"\n"
+        request = json.dumps({"pairs": pairs, "timeout": timeout}).encode() + b"\n"
         try:
             self.proc.stdin.write(request)
-        except (BrokenPipeError, OSError):
-            return None
-        line = self._read_line(timeout + WORKER_GRACE_S)
-        if line is None:
-            return None
-        return bool(json.loads(line)["ok"])
+        except OSError:  # BrokenPipeError: the child is gone
+            return [], False
+        verdicts: list[bool] = []
+        for _ in pairs:
+            line = self._read_line(timeout + WORKER_GRACE_S)
+            if line is None:
+                return verdicts, False
+            verdicts.append(line == b"1")
+        return verdicts, True
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -628,15 +710,22 @@ class _HelperPool:
         with self._lock:
             self._count -= 1
 
-    def verify(self, gold: str, pred: str, timeout: float) -> bool:
-        helper = self._acquire()
-        ok = helper.verify(gold, pred, timeout)
-        if ok is None:
-            logger.warning("grading helper overran %.1f s or died; counted as wrong: %.80r", timeout, pred)
+    def verify_many(self, pairs: list[tuple[str, str]], timeout: float) -> list[bool]:
+        """One verdict per pair. A pair on which a helper dies or overruns counts as wrong; the helper
+        is replaced and the pairs after it go to the next one."""
+        verdicts: list[bool] = []
+        while len(verdicts) < len(pairs):
+            helper = self._acquire()
+            done, healthy = helper.verify_many(pairs[len(verdicts) :], timeout)
+            verdicts += done
+            if healthy:
+                self._idle.put(helper)
+                break
+            stuck = pairs[len(verdicts)][1]
+            logger.warning("grading helper overran %.1f s or died; counted as wrong: %.80r", timeout, stuck)
             self._discard(helper)
-            return False
-        self._idle.put(helper)
-        return ok
+            verdicts.append(False)
+        return verdicts
 
     def close(self) -> None:
         while True:
@@ -660,9 +749,13 @@ def _helper_pool() -> _HelperPool:
 
 
 @atexit.register
-def _close_pool() -> None:
-    if _POOL is not None and _POOL.pid == os.getpid():
-        _POOL.close()
+def close_helpers() -> None:
+    """Stop the idle helper processes (they start again on demand); runs at exit."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL.pid == os.getpid():
+            _POOL.close()
+        _POOL = None
 
 
 def _helper_main() -> None:
@@ -674,6 +767,6 @@ def _helper_main() -> None:
     out.flush()
     for line in sys.stdin.buffer:
         request = json.loads(line)
-        ok = _verify_in_process(request["gold"], request["pred"], float(request["timeout"]))
-        out.write(json.dumps({"ok": ok}).encode() + b"\n")
-        out.flush()
+        for gold, pred in request["pairs"]:
+            out.write(b"1\n" if _verify_in_process(gold, pred, float(request["timeout"])) else b"0\n")
+            out.flush()
