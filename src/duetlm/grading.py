@@ -114,8 +114,8 @@ def _strip_math_delimiters(s: str) -> str:
     return s
 
 
-def _last_boxed(text: str) -> str | object | None:
-    """Content of the last non-empty box; `_UNCLOSED` if the last box never closes; None if no box."""
+def _last_boxed(text: str) -> tuple[int, str] | object | None:
+    """(position, content) of the last non-empty box; `_UNCLOSED` if it never closes; None if no box."""
     end = len(text)
     for _ in range(8):  # skip at most a few empty boxes such as "put it in \boxed{}"
         pos, cmd = max((text.rfind(c, 0, end), c) for c in _BOX_COMMANDS)
@@ -137,7 +137,7 @@ def _last_boxed(text: str) -> str | object | None:
             m = re.match(r"[^\s$]+", text[j : j + 200])
             content = m.group(0).rstrip(".,;") if m else ""
         if content:
-            return content
+            return pos, content
         end = pos
     return None
 
@@ -145,12 +145,11 @@ def _last_boxed(text: str) -> str | object | None:
 def last_boxed(text: str) -> str | None:
     """Content of the last non-empty `\\boxed{}` / `\\fbox{}` of `text`; None if none or unclosed."""
     boxed = _last_boxed(text)
-    return boxed if isinstance(boxed, str) else None
+    return boxed[1] if isinstance(boxed, tuple) else None
 
 
-_ANSWER_PHRASE = re.compile(
-    r"(?i:(?:final\s+answer|the\s+answer|answer))\s*(?:is\s*)?(?::|=|：)?\s*(?:\*\*)?\s*(?::\s*)?([^\n]+)"
-)
+# "answer" then "is" and/or ":" / "=" (not "the answer carefully"), then the rest of the line.
+_ANSWER_PHRASE = re.compile(r"(?i:answer)(?:\*\*)?(?:\s+(?i:is)\b\s*[:：]?|\s*[:=：])\s*(?:\*\*)?\s*([^\n]+)")
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 _ENGLISH_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}\b")
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
@@ -187,9 +186,8 @@ def _extract_math(response: str, gold: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is _UNCLOSED:
         return None
-    if boxed is not None:
-        assert isinstance(boxed, str)
-        return boxed
+    if isinstance(boxed, tuple):
+        return boxed[1]
     tail = text[-TAIL_CHARS:]
     phrase = _answer_phrase(tail)
     if phrase is not None:
@@ -224,12 +222,13 @@ def _extract_choice(response: str, problem: Problem) -> str | None:
         if letter in valid:
             candidates.append((m.start(), letter))
     boxed = _last_boxed(text)
-    if isinstance(boxed, str):
-        inner = re.sub(r"^\\text(?:bf)?\{(.*)\}$", r"\1", boxed).strip().strip("()").strip()
+    if isinstance(boxed, tuple):
+        position, content = boxed
+        inner = re.sub(r"^\\text(?:bf)?\{(.*)\}$", r"\1", content).strip().strip("()").strip()
         letter = inner.upper() if len(inner) == 1 else _choice_by_text(inner, problem)
         if letter is not None and letter in valid:
             # Box positions are counted from the whole text; shift them into the tail's frame.
-            candidates.append((text.rfind(boxed) - (len(text) - len(tail)), letter))
+            candidates.append((position - (len(text) - len(tail)), letter))
     if candidates:
         return max(candidates)[1]
     m = _LONE_LETTER.search(tail[-200:])
