@@ -180,6 +180,24 @@ def test_mode_and_schedule_run_end_to_end(tmp_path, tiny_dir, tiny_llama_dir, mo
     )
 
 
+def test_golden_tiny_run(tmp_path, tiny_dir, tiny_llama_dir):
+    """Pinned per-step metrics of a seeded tiny DUET run: a silent change anywhere on the training path
+    (prompts, engine, grading, rewards, advantages, loss, optimizer, data order) shows here. Step 1 has
+    one lucky correct answer of m (1 of 8), so both updates see non-zero advantages."""
+    result = DuetTrainer(tiny_config(tmp_path, tiny_dir, tiny_llama_dir), train_problems=PROBLEMS).train()
+    got = metrics_of(result.run_dir)
+    pinned = [
+        {"tokens/generated": 125.0, "success/guided": 0.125, "success/unguided": 0.0, "lambda/next": 0.1},
+        {"tokens/generated": 128.0, "success/guided": 0.0, "success/unguided": 0.0, "lambda/next": 0.2},
+    ]
+    for record, expected in zip(got, pinned, strict=True):
+        assert {k: record[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    assert got[0]["reward/large"] == pytest.approx(0.125, abs=1e-6)
+    assert got[1]["reward/large"] == pytest.approx(-0.2, abs=1e-6)  # s = b = 0, λ L / B = 0.1 · 8 / 4
+    assert got[0]["large/grad_norm"] == pytest.approx(1.27154, rel=1e-4)
+    assert got[0]["small/grad_norm"] == pytest.approx(0.43135, rel=1e-4)
+
+
 def test_checkpoint_is_a_normal_hf_directory_and_restores_state(tmp_path, tiny_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -103,8 +104,15 @@ class RunLogger:
         if cfg.wandb:
             import wandb
 
+            # One W&B run per run directory, so a resumed run continues the same curves.
+            run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
             self._wandb = wandb.init(
-                project=cfg.project, name=run_dir.name, dir=str(run_dir), config=config, resume="allow"
+                project=cfg.project,
+                name=run_dir.name,
+                id=run_id,
+                dir=str(run_dir),
+                config=config,
+                resume="allow",
             )
         if cfg.trackio:
             import trackio

@@ -1271,8 +1271,10 @@ def init_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     hf_logging.disable_progress_bar()
     out = Path(out_dir)
     tokenizer = train_tokenizer(_tiny_corpus(seed), vocab_size=384)
-    large = tiny_model(tokenizer, arch="qwen3", hidden_size=64, num_layers=2, num_heads=4, seed=seed + 1)
-    small = tiny_model(tokenizer, arch="qwen3", hidden_size=32, num_layers=2, num_heads=2, seed=seed + 2)
+    # head_dim 32 (not 16): the smallest head size vLLM's CPU attention accepts, so checkpoints of these
+    # models also load in vLLM.
+    large = tiny_model(tokenizer, arch="qwen3", hidden_size=64, num_layers=2, num_heads=2, seed=seed + 1)
+    small = tiny_model(tokenizer, arch="qwen3", hidden_size=32, num_layers=2, num_heads=1, seed=seed + 2)
     out.mkdir(parents=True, exist_ok=True)
     return {
         "large": save_pretrained(large, tokenizer, out / "large"),
