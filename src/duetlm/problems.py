@@ -135,7 +135,7 @@ _INTEGER_LIKE = re.compile(r"[-+]?\d+(?:\.0*)?")
 def _canonical_number(answer: str) -> str:
     """`27.0` -> `27`, `025` -> `25`; anything that is not an integer written oddly is left alone."""
     if _INTEGER_LIKE.fullmatch(answer):
-        return str(int(float(answer))) if "." in answer else str(int(answer))
+        return str(int(answer.split(".")[0]))  # not via float: 20-digit answers stay exact
     return answer
 
 
@@ -174,7 +174,6 @@ class Columns:
     solution: tuple[str, ...] = ("solution",)
     choices: str | None = None
     answer_format: AnswerFormat = "plain"
-    kind: Kind = "math"
 
 
 RowAdapter = Callable[[dict[str, Any]], dict[str, Any]]
@@ -212,7 +211,7 @@ def _to_problem(
     else:
         pid = _text(i_name, i_value, "id")
 
-    kind = columns.kind
+    kind: Kind = "math"
     choices: tuple[str, ...] = ()
     if columns.choices is not None:
         raw = _get(row, columns.choices)
