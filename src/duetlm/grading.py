@@ -17,21 +17,25 @@ Extraction, multiple choice (`kind="choice"`): the last `Answer: X` (any case, o
 problem's options does not count. A boxed option text is mapped to its letter.
 
 Equivalence (math) goes through math-verify, gold first (it is not symmetric), after
-  - a fast path: equal strings after removing spacing, `\\left`/`\\right` and `\\dfrac`/`\\tfrac`;
+  - fast paths: equal strings after removing spacing, `\\left`/`\\right` and `\\dfrac`/`\\tfrac`;
+    two plain integers (AIME, AMC, GSM8K, DAPO answers) compared as integers;
   - a guard that rejects absurd predictions before sympy sees them: longer than `MAX_ANSWER_CHARS`,
     nested deeper than `MAX_NESTING`, or naming a number with more than `MAX_DIGITS` digits once
     evaluated (`10^{10^{10}}`, `(10^{10})!`); exact big-integer arithmetic runs in C, where no
     timeout can interrupt it.
-Results are cached per (gold, prediction): GRPO rollouts repeat answers.
+Two repairs on top of math-verify: `~` reads as a space, and when only one side carries a `%` the
+numbers are also compared without it (math-verify equates `25\\%` with 25 but not `12.5\\%` with 12.5).
+Sympy verdicts are cached per (gold, prediction): GRPO rollouts repeat answers.
 
 Bounded time. math-verify's own timeouts use `signal.alarm`, which works only on the main thread of
 the main interpreter. So:
   - on the main thread, the comparison runs in-process under a `setitimer` alarm of `timeout` seconds
     (a caller's running alarm is saved and re-armed);
-  - anywhere else (worker threads, `grade_many`), it runs in a helper process (`python -c`, no fork of
-    a threaded parent), which applies the same alarm on its own main thread; if the helper does not
-    answer within `timeout + WORKER_GRACE_S` it is killed and replaced, and the answer grades 0.0.
-A helper process starts in about a second, once; grading then costs a pipe round trip.
+  - anywhere else (worker threads, `grade_many` workers), it runs in a helper process (`python -c`,
+    no fork of a threaded parent), which applies the same alarm on its own main thread; if a helper
+    does not answer within `timeout + WORKER_GRACE_S` it is killed and replaced, and that answer
+    grades 0.0. A helper starts in about a second, once; then a chunk of comparisons costs one pipe
+    round trip. `close_helpers()` stops them.
 """
 
 from __future__ import annotations
