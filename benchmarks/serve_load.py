@@ -81,7 +81,11 @@ class Server:
 
     def close(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # an engine call still running: no need to wait for it
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass

@@ -278,7 +278,11 @@ def large_cli_url(tiny_dir):
         pytest.fail("duetlm serve --role large did not start:\n" + "".join(log))
     yield found[0]
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def test_role_large_serves_m_thinking(large_cli_url, local):

@@ -371,6 +371,13 @@ class WindowBatcher:
                 for it, result in zip(live, results, strict=True):
                     if not it.future.done():
                         it.future.set_result(result)
+        except asyncio.CancelledError:  # shutdown: no request may wait for a batch that is gone
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(
+                        ApiError(503, "the server is shutting down", kind="server_error")
+                    )
+            raise
         finally:
             self._slots.release()
 
@@ -835,4 +842,5 @@ def run_server(cfg: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(build_service(cfg))
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    # On SIGTERM, stop waiting for open requests after 10 s (the engine call in progress still ends).
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=10)
