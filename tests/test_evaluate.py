@@ -194,7 +194,7 @@ def test_metrics_by_hand():
     assert duet.compute_flops == pytest.approx(2 * (1000 * 340 + 10 * 13))
     assert (duet.problems, duet.samples, duet.wall_s) == (2, 5, pytest.approx(2.5))
     assert duet.signal_incomplete == pytest.approx(1 / 5)
-    assert small.ipt is None and small.accuracy == pytest.approx(0.5)
+    assert small.ipt is None and small.accuracy == pytest.approx(0.5) and small.signal_incomplete is None
     assert small.compute_flops == pytest.approx(2 * 10 * 10)
 
 
@@ -424,6 +424,28 @@ def test_bad_input_fails_fast(tmp_path, problem_file, change, message):
     assert r.stderr.startswith("error:") and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "model not found" not in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_smollm2_on_champ_and_gsm8k(tmp_path):
+    """SmolLM2 as both models, every method, real benchmark files: real data flows through each."""
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "gsm8k_test.jsonl").is_file():
+        pytest.skip(f"needs the shared GSM8K file in {SHARED_DATA}")
+    out = tmp_path / "smollm2"
+    r = duetlm(
+        "eval", "--large", "smollm2-135m", "--small", "smollm2-135m", "--benchmarks", "champ,gsm8k",
+        "--data-dir", str(SHARED_DATA), "--methods", "duet,original,truncation:16,prompt,small",
+        "--limit", "2", "--max-signal-tokens", "24", "--max-answer-tokens", "16", "--batch-size", "2",
+        "--output", str(out), "--no-progress", timeout=1200,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    records = read_records(out / RECORDS_FILE)
+    assert len(records) == 2 * 5 * 2
+    assert {x.problem_id for x in records if x.benchmark == "gsm8k"} == {"gsm8k-test-0000", "gsm8k-test-0001"}
+    assert all(x.large_tokens + x.small_tokens > 0 and x.answer for x in records)
+    assert "| truncation:16 |" in (out / "table.md").read_text()
 
 
 def test_report_of_a_directory_without_records(tmp_path):

@@ -232,8 +232,27 @@ def _check_resumable(previous: dict[str, Any], cfg: EvalConfig, out_dir: Path) -
 # Work
 
 
+def benchmark_split(name: str) -> tuple[str, str | None]:
+    """`NAME@SPLIT` -> (NAME, SPLIT). Without `@`, a registered name with a test split gets it (an
+    evaluation reads held-out problems: `gsm8k` defaults to train as a training set), others their
+    loader's default (None)."""
+    from duetlm.problems import REGISTRY
+
+    source, sep, split = name.rpartition("@")
+    if sep and source and split:
+        return source, split
+    spec = REGISTRY.get(name)
+    if spec is not None and "test" in spec.splits:
+        return name, "test"
+    return name, None
+
+
 def load_benchmark(name: str, limit: int | None, data_dir: str | None) -> list[Problem]:
-    """The problems of a benchmark through `problems.load_problems` (its errors name what is wrong)."""
+    """The problems of a benchmark through `problems.load_problems` (its errors name what is wrong).
+
+    `name`: a registered name, a file, a hub id, optionally `@SPLIT` (`gsm8k@test`; see
+    `benchmark_split`), or a `PREFIX:NAME` source registered with the trainer (`lab:<task>`).
+    """
     from duetlm.problems import load_problems
 
     if data_dir is not None and not Path(data_dir).is_dir():
@@ -243,8 +262,10 @@ def load_benchmark(name: str, limit: int | None, data_dir: str | None) -> list[P
         # `PREFIX:NAME` sources registered with the trainer (`lab:<task>`): evaluate on what it trains on.
         from duetlm.trainer import load_source
 
-        return load_source(name, limit=limit)
-    problems = load_problems(name, limit=limit, data_dir=data_dir)
+        source, split = name.rpartition("@")[::2] if "@" in name else (name, None)
+        return load_source(source, split=split, limit=limit)
+    source, split = (name, None) if Path(name).exists() else benchmark_split(name)
+    problems = load_problems(source, split=split, limit=limit, data_dir=data_dir)
     if not problems:
         raise DuetError(f"benchmark {name!r} has no problems")
     return list(problems)

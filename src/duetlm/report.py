@@ -93,7 +93,7 @@ class MethodMetrics:
     ipt: float | None
     wall_s: float
     compute_flops: float | None
-    signal_incomplete: float  # fraction of samples whose thinking block M did not close
+    signal_incomplete: float | None  # fraction of samples whose thinking M did not close (None: no M)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,6 +144,13 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
+def _incomplete(records: list[SampleRecord]) -> float | None:
+    with_m = [r for r in records if r.large_tokens]
+    if not with_m:
+        return None
+    return sum(not r.signal_complete for r in with_m) / len(with_m)
+
+
 def method_sort_key(method: str) -> tuple[int, int, str]:
     kind, _, arg = method.partition(":")
     rank = METHOD_ORDER.index(kind) if kind in METHOD_ORDER else len(METHOD_ORDER)
@@ -181,7 +188,7 @@ def aggregate(
                     small_params,
                     sum(r.small_tokens for r in rs),
                 ),
-                signal_incomplete=sum(not r.signal_complete for r in rs if r.large_tokens) / len(rs),
+                signal_incomplete=_incomplete(rs),
             )
         )
     return out
@@ -307,7 +314,8 @@ def render_table(metrics: list[MethodMetrics], run: dict[str, Any] | None = None
         lines.append(
             f"| {bench_label(m.benchmark)} | {m.method} | {m.problems} | {m.samples} | {m.accuracy:.3f} | "
             f"{m.large_tokens:.1f} | {m.small_tokens:.1f} | {'—' if m.ipt is None else f'{m.ipt:.3f}'} | "
-            f"{m.signal_incomplete:.0%} | {m.wall_s:.1f} | {_sci(m.compute_flops)} |"
+            f"{'—' if m.signal_incomplete is None else f'{m.signal_incomplete:.0%}'} | {m.wall_s:.1f} | "
+            f"{_sci(m.compute_flops)} |"
         )
     total = sum(inv.get("wall_s", 0.0) for inv in run.get("invocations", []))
     if total:
@@ -316,25 +324,34 @@ def render_table(metrics: list[MethodMetrics], run: dict[str, Any] | None = None
 
 
 def plot_pareto(metrics: list[MethodMetrics], path: Path) -> None:
-    """Accuracy against M tokens, one panel per benchmark, the Pareto front as a step line."""
+    """Accuracy against M tokens, one panel per benchmark, the Pareto front as a step line; one colour
+    and marker per method across panels, named in a shared legend (labels beside points collide)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; why: evaluation runs headless
     import matplotlib.pyplot as plt
 
     benchmarks = list(dict.fromkeys(m.benchmark for m in metrics))
+    methods = sorted({m.method for m in metrics}, key=method_sort_key)
+    colors = plt.get_cmap("tab10")
+    markers = "osD^vP<>Xhd"
+    style = {
+        method: {"color": colors(i % 10), "marker": "*" if method == "duet" else markers[i % len(markers)]}
+        for i, method in enumerate(methods)
+    }
     cols = min(3, len(benchmarks))
     rows = math.ceil(len(benchmarks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.6 * cols, 3.6 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     for ax, bench in zip(axes.flat, benchmarks, strict=False):
         ms = [m for m in metrics if m.benchmark == bench]
         pts = [(m.large_tokens, m.accuracy) for m in ms]
-        for m, (x, y) in zip(ms, pts, strict=True):
-            ax.scatter([x], [y], s=36)
-            ax.annotate(m.method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         front = pareto_front(pts)
         if len(front) > 1:
             ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="grey", lw=1)
+        for m, (x, y) in zip(ms, pts, strict=True):
+            ax.scatter([x], [y], s=70 if m.method == "duet" else 40, zorder=3, **style[m.method])
         ax.set_title(bench_label(bench))
         ax.set_xlabel("M tokens per sample")
         ax.set_ylabel("accuracy")
@@ -342,7 +359,10 @@ def plot_pareto(metrics: list[MethodMetrics], path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(benchmarks) :]:
         ax.axis("off")
-    fig.tight_layout()
+    handles = [
+        plt.Line2D([], [], linestyle="", markersize=8, label=method, **style[method]) for method in methods
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(methods), 6), frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
