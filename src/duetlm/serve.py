@@ -779,7 +779,11 @@ def create_app(service: DuetService) -> FastAPI:
 
 def build_service(cfg: ServeConfig) -> DuetService:
     """Load the engines `cfg` names (one engine when M and m are the same model)."""
-    from duetlm.pipeline import build_hf_engine
+    from duetlm.config import ModelConfig
+    from duetlm.engines import build_engine
+
+    def local(spec: str) -> Engine:
+        return build_engine(ModelConfig(path=spec, dtype=cfg.dtype, device=cfg.device, engine="hf"))
 
     if cfg.large_url is not None:
         from duetlm.engines.remote import RemoteEngine
@@ -793,14 +797,10 @@ def build_service(cfg: ServeConfig) -> DuetService:
         )
     else:
         assert cfg.large is not None
-        large = build_hf_engine(cfg.large, dtype=cfg.dtype, device=cfg.device)
+        large = local(cfg.large)
     small = None
     if cfg.small is not None:
-        small = (
-            large
-            if cfg.small == cfg.large
-            else build_hf_engine(cfg.small, dtype=cfg.dtype, device=cfg.device)
-        )
+        small = large if cfg.small == cfg.large else local(cfg.small)
     return DuetService(cfg, large, small)
 
 

