@@ -40,7 +40,15 @@ from duetlm.engines.base import Engine, SamplingParams
 from duetlm.errors import DuetError
 from duetlm.pipeline import DuetPipeline, DuetResult
 from duetlm.problems import Problem, render_question
-from duetlm.report import RECORDS_FILE, RUN_FILE, SampleRecord, read_records, read_run, write_report
+from duetlm.report import (
+    RECORDS_FILE,
+    RUN_FILE,
+    MethodMetrics,
+    SampleRecord,
+    read_records,
+    read_run,
+    write_report,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Methods: one dispatch table
@@ -406,7 +414,7 @@ class EvalSummary:
     done_before: int
     generated: int
     wall_s: float
-    metrics: list[Any]
+    metrics: list[MethodMetrics]
 
 
 def run_eval(
@@ -468,45 +476,57 @@ def run_eval(
     _write_run(out, run_info)
 
     t_start = time.perf_counter()
-    generated = 0
-    if total:
-        pipe = DuetPipeline(
-            large_engine,
-            small_engine or large_engine,  # never used by methods that do not need m
-            large_sampling=SamplingParams(
-                temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_signal_tokens
-            ),
-            small_sampling=SamplingParams(
-                temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_answer_tokens
-            ),
-        )
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="sample", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        try:
-            with records_path.open("a", encoding="utf-8") as f:
-                for group in work:
-                    bar.set_description(f"{group[0].benchmark} {group[0].method.name}")
-                    for lo in range(0, len(group), cfg.batch_size):
-                        batch = group[lo : lo + cfg.batch_size]
-                        for rec in run_batch(pipe, batch, batch_seed(cfg.seed, batch[0])):
-                            f.write(json.dumps(asdict(rec), ensure_ascii=False) + "\n")
-                        # Why flush and fsync per batch: a kill loses at most the batch in flight.
-                        f.flush()
-                        os.fsync(f.fileno())
-                        generated += len(batch)
-                        bar.update(len(batch))
-        finally:
-            bar.close()
-            run_info["invocations"][-1].update(
-                generated=generated, wall_s=time.perf_counter() - t_start, finished=_now()
+    counter = [0]  # samples written, readable after an interruption
+    try:
+        if total:
+            assert large_engine is not None
+            pipe = DuetPipeline(
+                large_engine,
+                small_engine or large_engine,  # never used by methods that do not need m
+                large_sampling=SamplingParams(
+                    temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_signal_tokens
+                ),
+                small_sampling=SamplingParams(
+                    temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_answer_tokens
+                ),
             )
-            _write_run(out, run_info)
-    else:
-        run_info["invocations"][-1].update(generated=0, wall_s=0.0, finished=_now())
+            generate(pipe, work, records_path, cfg, progress, counter)
+    finally:
+        run_info["invocations"][-1].update(
+            generated=counter[0], wall_s=time.perf_counter() - t_start, finished=_now()
+        )
         _write_run(out, run_info)
     metrics = write_report(out)
-    return EvalSummary(out, len(done), generated, time.perf_counter() - t_start, metrics)
+    return EvalSummary(out, len(done), counter[0], time.perf_counter() - t_start, metrics)
+
+
+def generate(
+    pipe: DuetPipeline,
+    work: list[list[WorkItem]],
+    records_path: Path,
+    cfg: EvalConfig,
+    progress: bool,
+    counter: list[int],
+) -> None:
+    """Answer, grade and append every work item, batch by batch, under a progress bar (rate, ETA)."""
+    from tqdm import tqdm
+
+    total = sum(len(g) for g in work)
+    with (
+        tqdm(total=total, unit="sample", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar,
+        records_path.open("a", encoding="utf-8") as f,
+    ):
+        for group in work:
+            bar.set_description(f"{group[0].benchmark} {group[0].method.name}")
+            for lo in range(0, len(group), cfg.batch_size):
+                batch = group[lo : lo + cfg.batch_size]
+                for rec in run_batch(pipe, batch, batch_seed(cfg.seed, batch[0])):
+                    f.write(json.dumps(asdict(rec), ensure_ascii=False) + "\n")
+                # Why flush and fsync per batch: a kill loses at most the batch in flight.
+                f.flush()
+                os.fsync(f.fileno())
+                counter[0] += len(batch)
+                bar.update(len(batch))
 
 
 def _now() -> str:
