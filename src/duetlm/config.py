@@ -231,6 +231,22 @@ class RolloutConfig(Strict):
         description="m's decoding (its answer)",
     )
     engine_batch_size: int = Field(64, ge=1, description="sequences decoded together by the HF engine")
+    generation_block: int | None = Field(
+        None,
+        ge=1,
+        description="prompts per seeded generation call (null: one call per process). Each call's seed "
+        "derives from (seed, step, role, its first prompt's index in the global batch), so with a block "
+        "that divides batch_size / processes the samples do not depend on the number of processes",
+    )
+
+    @model_validator(mode="after")
+    def _block(self) -> RolloutConfig:
+        if self.generation_block is not None and self.batch_size % self.generation_block:
+            raise ValueError(
+                f"rollout.generation_block={self.generation_block} must divide rollout.batch_size="
+                f"{self.batch_size}"
+            )
+        return self
 
 
 class ObjectiveConfig(Strict):
@@ -378,6 +394,21 @@ class LoggingConfig(Strict):
     project: str = Field("duetlm", description="W&B / trackio project name")
 
 
+class DistributedConfig(Strict):
+    """Data parallelism when `accelerate launch` or `torchrun` starts several processes
+    (docs/distributed.md). One process ignores this section."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="ddp (each process holds whole models) | fsdp (FSDP2: parameters, gradients and "
+        "optimizer states sharded per decoder layer) | auto (fsdp when accelerate was launched with an "
+        "FSDP config, else ddp)",
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="FSDP: free the gathered parameters after each forward (less memory, more traffic)"
+    )
+
+
 class TrainConfig(Strict):
     """One training run (`duetlm train --config FILE`). See configs/tiny.yaml and configs/paper/."""
 
@@ -396,6 +427,7 @@ class TrainConfig(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("mode")
     @classmethod

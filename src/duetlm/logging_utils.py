@@ -210,3 +210,19 @@ class RunLogger:
             self._wandb.finish()
         if self._trackio is not None:
             self._trackio.finish()
+
+
+class NullLogger:
+    """The logger of every data-parallel rank but rank 0: the same interface, writing nothing."""
+
+    def message(self, text: str) -> None:
+        pass
+
+    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

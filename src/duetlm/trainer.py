@@ -59,8 +59,9 @@ import torch
 from torch import Tensor
 
 from duetlm import checkpoint as ckpt
-from duetlm import grpo, objective, protocol
+from duetlm import distributed, grpo, objective, protocol
 from duetlm.config import ConfigError, ModelConfig, TrainConfig, dump_config
+from duetlm.distributed import Dist
 from duetlm.engines.base import Generation, SamplingParams
 from duetlm.errors import DataError, DuetError
 from duetlm.problems import Problem, render_question
@@ -421,6 +422,18 @@ def sequence_logprobs(
     return out  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class RowShard:
+    """Where a rank's rows sit in the global batch of an update (data parallelism).
+
+    `offset`: global index of this rank's first row; `lengths`: response tokens of every global row
+    (all ranks), for the global loss normalisers; every rank holds `len(lengths) // world_size` rows."""
+
+    dist: Dist
+    offset: int
+    lengths: list[int]
+
+
 def policy_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -429,63 +442,105 @@ def policy_update(
     pad_id: int,
     spec: UpdateSpec,
     seed: int,
+    shard: RowShard | None = None,
+    train_model: torch.nn.Module | None = None,
 ) -> UpdateStats:
-    """One PPO epoch over `samples` (needs `old_logprobs`): `spec.mini_batches` optimizer steps, each
-    accumulating the gradients of its micro-batches with the mini-batch's normalisers, so the result
-    does not depend on the micro-batch size. A mini-batch whose loss or gradient norm is not finite is
-    skipped (no optimizer step) and counted in `skipped`."""
-    if samples.old_logprobs is None:
-        raise ValueError("policy_update needs samples.old_logprobs (π_old)")
+    """One PPO epoch over `samples`: `spec.mini_batches` optimizer steps, each accumulating the
+    gradients of its micro-batches with the mini-batch's normalisers, so the result does not depend on
+    the micro-batch size. A mini-batch whose loss or gradient norm is not finite is skipped (no
+    optimizer step) and counted in `skipped`.
+
+    π_old is `samples.old_logprobs`; when it is None and there is one mini-batch, it is the update's own
+    forward pass, detached (the policy has not moved yet, so that is exactly π_old in the update's
+    precision, with no extra pass).
+
+    Data parallelism (`shard`): `samples` are this rank's rows of a global batch; mini-batches are
+    drawn from the global rows exactly as one process would draw them, each rank runs its share with
+    the global normalisers, and `train_model` (the DDP / FSDP wrapper of `model`) averages the
+    gradients, which the loss scale `world_size` turns into the single-process gradient. Every rank runs
+    the same number of micro-batches (zero-weight fillers where it has fewer rows)."""
+    if samples.old_logprobs is None and spec.mini_batches > 1:
+        raise ValueError("policy_update needs samples.old_logprobs (π_old) with more than one mini-batch")
     device = _device(model)
+    forward = train_model if train_model is not None else model
+    world = shard.dist.world_size if shard is not None else 1
+    offset = shard.offset if shard is not None else 0
+    lengths = shard.lengths if shard is not None else [len(t) for t in samples.token_ids]
     params = [p for p in model.parameters() if p.requires_grad]
-    order = list(range(len(samples)))
+    order = list(range(len(lengths)))
     if spec.mini_batches > 1:
         random.Random(seed).shuffle(order)
-    minis = [m for m in np.array_split(np.array(order), spec.mini_batches) if len(m)]
+    global_minis = [m.tolist() for m in np.array_split(np.array(order), spec.mini_batches) if len(m)]
+    local_minis = distributed.local_minibatches(order, spec.mini_batches, offset, offset + len(samples))
+    per_rank = len(lengths) // world
     stats = UpdateStats(ratio_max=0.0)
     model.train()
-    for mini in minis:
-        mini = mini.tolist()
-        num_tokens = sum(len(samples.token_ids[i]) for i in mini)
+    for mini, part in zip(global_minis, local_minis, strict=True):
+        num_tokens = sum(lengths[g] for g in mini)
+        max_rows = max(sum(r * per_rank <= g < (r + 1) * per_rank for g in mini) for r in range(world))
+        _, fillers = distributed.micro_batch_plan(len(part), max_rows, spec.micro_batch_size)
+        micros: list[list[int] | None] = [*_micro_batches(samples, part, spec.micro_batch_size)]
+        micros += [None] * fillers
         optimizer.zero_grad(set_to_none=True)
         loss_sum, clip_sum, kl_sum, finite = 0.0, 0.0, 0.0, True
-        for micro in _micro_batches(samples, mini, spec.micro_batch_size):
-            ids, mask, resp, old = pack(samples, micro, pad_id, device)
-            with _autocast(device, spec.autocast):
-                logp = grpo.model_token_logprobs(model, ids, mask, chunk_size=spec.chunk_size)
-            out = grpo.policy_loss(
-                logp.float(),
-                old,
-                advantages[micro].to(device),
-                resp,
-                clip_eps=spec.clip_eps,
-                clip_eps_high=spec.clip_eps_high,
-                loss_agg=spec.loss_agg,
-                num_seqs=len(mini),
-                num_tokens=max(num_tokens, 1),
-                max_tokens=spec.max_tokens,
-            )
-            if not torch.isfinite(out.loss):
-                finite = False
-                break
-            out.loss.backward()
+        for k, micro in enumerate(micros):
+            rows = micro if micro is not None else [0]  # a filler runs one row with zero weight
+            ids, mask, resp, old = pack(samples, rows, pad_id, device)
+            with distributed.gradient_sync(forward, k == len(micros) - 1):
+                with _autocast(device, spec.autocast):
+                    logp = grpo.model_token_logprobs(forward, ids, mask, chunk_size=spec.chunk_size)
+                logp = logp.float()
+                if micro is None:  # a filler: this rank has no more rows in this mini-batch
+                    (logp.sum() * 0.0).backward()
+                    continue
+                if samples.old_logprobs is None:
+                    old = logp.detach()
+                out = grpo.policy_loss(
+                    logp,
+                    old,
+                    advantages[rows].to(device),
+                    resp,
+                    clip_eps=spec.clip_eps,
+                    clip_eps_high=spec.clip_eps_high,
+                    loss_agg=spec.loss_agg,
+                    num_seqs=len(mini),
+                    num_tokens=max(num_tokens, 1),
+                    max_tokens=spec.max_tokens,
+                )
+                if not torch.isfinite(out.loss):
+                    finite = False
+                    if world == 1:
+                        break
+                    # Keep the ranks in step (DDP and FSDP reduce every rank's backward); the step is
+                    # skipped on every rank below.
+                    (logp.sum() * 0.0).backward()
+                    continue
+                (out.loss * world).backward()
             share = resp.sum().item() / max(num_tokens, 1)  # this micro-batch's share of the tokens
             loss_sum += out.loss.item()
             clip_sum += out.clip_fraction.item() * share
             kl_sum += out.approx_kl.item() * share
             stats.ratio_max = max(stats.ratio_max, out.ratio_max.item())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)) if finite else math.nan
+        if shard is not None:
+            finite = not shard.dist.any(not finite)
+        grad_norm = math.nan
+        if finite:
+            grad_norm = distributed.full_grad_norm(torch.nn.utils.clip_grad_norm_(params, spec.grad_clip))
         if not (finite and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             stats.skipped += 1
             continue
         optimizer.step()
+        if shard is not None:  # each rank's sums are its share of the global mini-batch's
+            loss_sum, clip_sum, kl_sum = shard.dist.all_reduce([loss_sum, clip_sum, kl_sum], "sum")
         stats.mini_batches += 1
         stats.loss += loss_sum
         stats.grad_norm += grad_norm
         stats.clip_fraction += clip_sum
         stats.approx_kl += kl_sum
     optimizer.zero_grad(set_to_none=True)
+    if shard is not None:
+        stats.ratio_max = shard.dist.all_reduce([stats.ratio_max], "max")[0]
     done = max(stats.mini_batches, 1)
     stats.loss, stats.grad_norm = stats.loss / done, stats.grad_norm / done
     stats.clip_fraction, stats.approx_kl = stats.clip_fraction / done, stats.approx_kl / done
@@ -551,8 +606,17 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def check(self) -> None:
+    def agree(self, dist_ctx: Dist) -> None:
+        """Data parallelism: a signal that reached any rank stops every rank (the launcher forwards it
+        to all, but not at the same instant), so the ranks leave the loop at the same point."""
+        if dist_ctx.enabled:
+            signum = int(dist_ctx.all_reduce([float(self.signum or 0)], "max")[0])
+            self.signum = signum or None
+
+    def check(self, dist_ctx: Dist | None = None) -> None:
         """Raise `StepAborted` when a stop was requested (call only before a step changes state)."""
+        if dist_ctx is not None:
+            self.agree(dist_ctx)
         if self.signum is not None:
             raise StepAborted
 
@@ -585,9 +649,26 @@ class Policy:
     cfg: ModelConfig
     model: torch.nn.Module
     tokenizer: Any
-    engine: Any  # HFEngine over `model` itself: rollouts use the weights being trained
+    engine: Any  # HFEngine over `full_model`: rollouts use the weights being trained
     optimizer: torch.optim.Optimizer | None
     spec: UpdateSpec
+    wrapper: torch.nn.Module | None = None  # data parallelism: DDP over `model` (FSDP shards `model` itself)
+    rollout_model: torch.nn.Module | None = None  # FSDP: an unsharded copy for generation and no-grad passes
+
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """What the update's forward pass goes through (the DDP wrapper, else `model`)."""
+        return self.wrapper if self.wrapper is not None else self.model
+
+    @property
+    def full_model(self) -> torch.nn.Module:
+        """A module with the whole current weights on this rank: `model`, or FSDP's rollout copy."""
+        return self.rollout_model if self.rollout_model is not None else self.model
+
+    def sync_rollout_model(self) -> None:
+        """FSDP: copy the updated (sharded) weights into the rollout copy (every rank calls it)."""
+        if self.rollout_model is not None:
+            distributed.copy_full_weights(self.model, self.rollout_model)
 
     @property
     def pad_id(self) -> int:
@@ -672,6 +753,8 @@ class DuetTrainer:
         self.cursor = 0  # training problems consumed (position in the stream of seeded epochs)
         self.bad_steps = 0  # consecutive steps with a skipped (non-finite) update
         self.stop = StopRequest()
+        self.dist = Dist()  # one process until `init_distributed` finds a launcher
+        self._prompt_lo = 0  # global index of this rank's first prompt in the current step's batch
         self.policies: dict[str, Policy] = {}
         self.reference: torch.nn.Module | None = None
 
@@ -721,11 +804,23 @@ class DuetTrainer:
 
         lora = trainable and mcfg.lora
         spec = str(checkpoint / role) if checkpoint is not None and not lora else mcfg.path
-        model, tokenizer = load_model(spec, dtype=mcfg.dtype, device=mcfg.device, trainable=trainable)
+        device = self.dist.device(mcfg.device)
+        model, tokenizer = load_model(spec, dtype=mcfg.dtype, device=device, trainable=trainable)
         if trainable and mcfg.gradient_checkpointing:
             _enable_checkpointing(model)
         if lora:
             model = self._wrap_lora(model, mcfg, checkpoint / f"{role}_adapter" if checkpoint else None)
+        wrapper = rollout_model = None
+        if trainable and self.dist.enabled:
+            if self.dist.strategy == "fsdp":
+                if lora:
+                    raise ConfigError(f"{role}.lora with distributed.strategy=fsdp is not supported; use ddp")
+                # Generation decodes a different number of steps on each rank, which sharded weights
+                # (one all-gather per layer per forward) cannot do: it runs on a full copy instead.
+                rollout_model, _ = load_model(spec, dtype=mcfg.dtype, device=device)
+                distributed.wrap_fsdp(model, self.cfg.distributed.fsdp_reshard_after_forward)
+            else:
+                wrapper = distributed.wrap_ddp(model, self.dist)
         optimizer = None
         if trainable:
             o = self.cfg.optim
@@ -736,9 +831,21 @@ class DuetTrainer:
                 weight_decay=o.weight_decay,
             )
         sampling = self.cfg.rollout.large if role == "large" else self.cfg.rollout.small
-        engine = HFEngine(model, tokenizer, max_batch_size=self.cfg.rollout.engine_batch_size)
+        engine = HFEngine(
+            rollout_model if rollout_model is not None else model,
+            tokenizer,
+            max_batch_size=self.cfg.rollout.engine_batch_size,
+        )
         return Policy(
-            role, mcfg, model, tokenizer, engine, optimizer, self._update_spec(sampling.max_new_tokens)
+            role,
+            mcfg,
+            model,
+            tokenizer,
+            engine,
+            optimizer,
+            self._update_spec(sampling.max_new_tokens),
+            wrapper=wrapper,
+            rollout_model=rollout_model,
         )
 
     def _wrap_lora(self, model: Any, mcfg: ModelConfig, adapter: Path | None) -> Any:
@@ -761,11 +868,28 @@ class DuetTrainer:
             set_peft_model_state_dict(model, load_peft_weights(str(adapter)))
         return model
 
+    def init_distributed(self) -> Dist:
+        """Join the launcher's process group, once (a single process gets a trivial `Dist`)."""
+        if not self.dist.enabled and distributed.launched_world_size() > 1:
+            from duetlm.models import resolve_device
+
+            cpu = all(resolve_device(m.device) == "cpu" for _, m in self._model_configs())
+            self.dist = distributed.init_distributed(self.cfg.distributed.strategy, cpu=cpu)
+            per = self.dist.shard(self.cfg.rollout.batch_size)  # checks divisibility
+            block = self.cfg.rollout.generation_block
+            if block is not None and (per[1] - per[0]) % block:
+                raise ConfigError(
+                    f"rollout.generation_block={block} must divide the {per[1] - per[0]} prompts of each of "
+                    f"the {self.dist.world_size} processes (rollout.batch_size={self.cfg.rollout.batch_size})"
+                )
+        return self.dist
+
     def setup(self, checkpoint: Path | None = None) -> None:
         """Load the models (from `checkpoint` when resuming), optimizers, λ and RNG states."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the run has its own progress display
+        self.init_distributed()
         if self.cfg.run.threads:
             torch.set_num_threads(self.cfg.run.threads)
         seed = self.cfg.seed
@@ -780,18 +904,25 @@ class DuetTrainer:
 
             # The reference is M's starting weights (the config's path, also when resuming).
             large = self.cfg.large
-            self.reference, _ = load_model(large.path, dtype=large.dtype, device=large.device)
+            device = self.dist.device(large.device)
+            self.reference, _ = load_model(large.path, dtype=large.dtype, device=device)
         if checkpoint is not None:
             self._load_state(ckpt.load_state(checkpoint))
 
     def _state_dict(self) -> dict[str, Any]:
+        """The trainer state of a checkpoint (collective: FSDP's optimizer states are gathered). Optimizer
+        states are full and keyed by parameter name, so any world size and strategy can load them."""
         return {
-            "format": 1,
+            "format": 2,
             "step": self.step,
             "cursor": self.cursor,
             "bad_steps": self.bad_steps,
             "lambda": self.lam.state_dict(),
-            "optimizers": {r: p.optimizer.state_dict() for r, p in self.policies.items() if p.optimizer},
+            "optimizers": {
+                r: distributed.optimizer_state(p.model, p.optimizer)
+                for r, p in self.policies.items()
+                if p.optimizer
+            },
             "rng": ckpt.rng_state(),
         }
 
@@ -801,31 +932,41 @@ class DuetTrainer:
         for role, opt_state in state["optimizers"].items():
             policy = self.policies.get(role)
             if policy is not None and policy.optimizer is not None:
-                policy.optimizer.load_state_dict(opt_state)
+                if state.get("format", 1) == 1:  # positional optimizer states (before data parallelism)
+                    policy.optimizer.load_state_dict(opt_state)
+                else:
+                    distributed.load_optimizer_state(policy.model, policy.optimizer, opt_state)
         ckpt.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the completed step `self.step` atomically (see checkpoint.py)."""
+        """Write the checkpoint of the completed step `self.step` atomically (see checkpoint.py). Every
+        rank calls it (optimizer states may need gathering); rank 0 writes."""
         from duetlm.models import save_pretrained
 
-        tmp = ckpt.begin_checkpoint(self.run_dir, self.step)
-        for role, policy in self.policies.items():
-            if policy.is_lora:
-                policy.model.save_pretrained(str(tmp / f"{role}_adapter"))
-                # A merged copy as a plain HF directory, so eval and vLLM need no peft.
-                merged = copy.deepcopy(policy.model).merge_and_unload()
-                save_pretrained(merged, policy.tokenizer, tmp / role)
-                del merged
-            else:
-                save_pretrained(policy.model, policy.tokenizer, tmp / role)
-        ckpt.save_state(tmp, self._state_dict())
-        dump_config(self.cfg, tmp / "config.yaml")
-        return ckpt.commit_checkpoint(tmp, self.step, self.cfg.run.keep_last)
+        state = self._state_dict()
+        final = ckpt.checkpoints_dir(self.run_dir) / ckpt.checkpoint_name(self.step)
+        if self.dist.is_main:
+            tmp = ckpt.begin_checkpoint(self.run_dir, self.step)
+            for role, policy in self.policies.items():
+                if policy.is_lora:
+                    policy.model.save_pretrained(str(tmp / f"{role}_adapter"))
+                    # A merged copy as a plain HF directory, so eval and vLLM need no peft.
+                    merged = copy.deepcopy(policy.model).merge_and_unload()
+                    save_pretrained(merged, policy.tokenizer, tmp / role)
+                    del merged
+                else:
+                    save_pretrained(policy.full_model, policy.tokenizer, tmp / role)
+            ckpt.save_state(tmp, state)
+            dump_config(self.cfg, tmp / "config.yaml")
+            final = ckpt.commit_checkpoint(tmp, self.step, self.cfg.run.keep_last)
+        self.dist.barrier()  # nobody reads the checkpoint (or exits) before it is complete
+        return final
 
     def resolve_resume(self, resume: str | None) -> Path | None:
         """`None`: a fresh run (an error if the run directory already has checkpoints); `"auto"`: the
         newest complete checkpoint of the run directory, if any; otherwise a checkpoint directory."""
-        ckpt.remove_partial(self.run_dir)
+        if self.dist.is_main:
+            ckpt.remove_partial(self.run_dir)
         latest = ckpt.latest_checkpoint(self.run_dir)
         if resume is None:
             if latest is not None:
@@ -845,19 +986,27 @@ class DuetTrainer:
 
     def train(self, resume: str | None = None) -> TrainResult:
         """Run (or resume) training up to `run.steps`; returns where it stopped and why."""
-        from duetlm.logging_utils import RunLogger
+        from duetlm.logging_utils import NullLogger, RunLogger
 
+        self.init_distributed()
         start = self.resolve_resume(resume)
         self.setup(start)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.run_dir / "config.yaml")
-        logger = RunLogger(
-            self.run_dir,
-            self.cfg.logging,
-            total_steps=self.cfg.run.steps,
-            start_step=self.step,
-            config=self.cfg.model_dump(mode="json"),
-        )
+        logger: Any = NullLogger()
+        if self.dist.is_main:  # one process writes the run directory's logs
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+            logger = RunLogger(
+                self.run_dir,
+                self.cfg.logging,
+                total_steps=self.cfg.run.steps,
+                start_step=self.step,
+                config=self.cfg.model_dump(mode="json"),
+            )
+        if self.dist.enabled:
+            logger.message(
+                f"data parallel: {self.dist.world_size} processes ({self.dist.strategy}), "
+                f"{self.cfg.rollout.batch_size // self.dist.world_size} prompts each per step"
+            )
         if start is not None:
             logger.message(f"resumed from {start} (step {self.step}, λ = {self.lam.value:.4g})")
             changed = config_changes(start / "config.yaml", self.cfg)
@@ -878,6 +1027,7 @@ class DuetTrainer:
                 every = self.cfg.run.save_every
                 if (every and self.step % every == 0) or self.step == self.cfg.run.steps:
                     saved, saved_step = self.save_checkpoint(), self.step
+                self.stop.agree(self.dist)
                 if self.stop.signum is not None:
                     break
             if saved_step != self.step:
@@ -915,34 +1065,37 @@ class DuetTrainer:
             )
 
     def train_step(self, step: int) -> StepOutcome:
-        """One step, phase by phase (module doc). Steps count from 1."""
+        """One step, phase by phase (module doc). Steps count from 1. With data parallelism this rank
+        runs the phases on its shard of the prompts; statistics are computed over all shards."""
         cfg, timer = self.cfg, PhaseTimer()
         t0 = time.perf_counter()
         indices = batch_indices(cfg.seed, self.cursor, cfg.rollout.batch_size, len(self.train_problems))
-        problems = [self.train_problems[i] for i in indices]
+        lo, hi = self.dist.shard(cfg.rollout.batch_size)
+        self._prompt_lo = lo
+        problems = [self.train_problems[i] for i in indices[lo:hi]]
         with timer("rollout"):
             roll = self._rollout(problems, step)
-        self.stop.check()
+        self.stop.check(self.dist)
         small = SmallRollout()
         if self.mode.uses_small:
             with timer("guided"):
                 small.guided = self._guided(problems, roll, step)
-            self.stop.check()
+            self.stop.check(self.dist)
             with timer("unguided"):
                 small.unguided = self._unguided(problems, roll, step)
-            self.stop.check()
+            self.stop.check(self.dist)
         with timer("grade"):
             grades = self._grade(problems, roll, small)
         update_small, update_large = self.schedule.updates(step)
         update_small = update_small and small.guided is not None and self.schedule.trains_small
         if cfg.grpo.recompute_old_logprobs:
             with timer("old_logprobs"):
-                self._recompute_old(roll.large, small.guided if update_small else None)
+                self._recompute_old(roll.large, small.guided if update_small else None, update_large)
         kl = None
         if cfg.objective.kl_coef > 0:
             with timer("reference"):
                 kl = self._reference_kl(roll.large)
-        self.stop.check()
+        self.stop.check(self.dist)
         with timer("rewards"):
             rewards = self._rewards(step, roll, small, grades, kl)
         with timer("advantages"):
@@ -955,15 +1108,19 @@ class DuetTrainer:
         if update_large:
             with timer("update_large"):
                 stats["large"] = self._update("large", roll.large, adv.large, step)
+        batch = self.dist.gather_cat(self._per_sample(roll, small, rewards, adv))  # the global batch
         lam_used = self.lam.value
         with timer("lambda"):
             if self.mode.uses_lambda:
-                self.lam.update(float(rewards.lengths.mean()))
+                self.lam.update(float(batch["penalised"].mean()))
         self.cursor += cfg.rollout.batch_size
-        metrics = self._metrics(roll, small, rewards, adv, stats, lam_used)
-        metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
-        metrics["time/step_s"] = time.perf_counter() - t0
-        gen_s = sum(timer.seconds.get(k, 0.0) for k in ("rollout", "guided", "unguided"))
+        metrics = self._metrics(batch, stats, lam_used, rewards.limit)
+        seconds = dict(timer.seconds)
+        seconds["step"] = time.perf_counter() - t0
+        # The slowest rank's time: the others wait for it at the next collective.
+        seconds = dict(zip(seconds, self.dist.all_reduce(list(seconds.values()), "max"), strict=True))
+        metrics.update({f"time/{k}_s": v for k, v in seconds.items()})
+        gen_s = sum(seconds.get(k, 0.0) for k in ("rollout", "guided", "unguided"))
         metrics["throughput/gen_tokens_per_s"] = metrics["tokens/generated"] / max(gen_s, 1e-9)
         return StepOutcome(
             metrics=metrics,
@@ -990,16 +1147,34 @@ class DuetTrainer:
 
         return DuetPipeline(self.policies["large"].engine, self.policies["small"].engine, large, small)
 
+    def _blocks(self, num_prompts: int) -> list[tuple[int, int, int]]:
+        """This step's generation calls: (local first prompt, local end, global first prompt)."""
+        lo = self._prompt_lo
+        blocks = distributed.generation_blocks(lo, lo + num_prompts, self.cfg.rollout.generation_block)
+        return [(s - lo, e - lo, s) for s, e in blocks]
+
+    def _block_seed(self, step: int, role: str, start: int) -> int:
+        """The seed of the generation call whose first prompt is `start` in the global batch: from
+        (seed, step, role[, start]); the call at the start of the batch keeps (seed, step, role), the
+        seed of single-process runs made before calls were split."""
+        return (
+            derive_seed(self.cfg.seed, step, role)
+            if start == 0
+            else derive_seed(self.cfg.seed, step, role, start)
+        )
+
     def _rollout(self, problems: list[Problem], step: int) -> Rollout:
         """M's n responses per prompt; DUET stops them at the end of thinking (protocol.large_stop)."""
         large = self.policies["large"]
-        params = self._sampling("large", self.cfg.rollout.n, derive_seed(self.cfg.seed, step, "large"))
         questions = [render_question(p) for p in problems]
-        if self.mode.uses_small:
-            groups = self._pipeline(params, self._sampling("small", 1, 0)).think(questions)
-        else:  # M thinks and answers itself
-            prompts = [protocol.large_prompt(large.tokenizer, q) for q in questions]
-            groups = large.engine.generate(prompts, params)
+        groups: list[list[Generation]] = []
+        for a, b, start in self._blocks(len(problems)):
+            params = self._sampling("large", self.cfg.rollout.n, self._block_seed(step, "large", start))
+            if self.mode.uses_small:
+                groups += self._pipeline(params, self._sampling("small", 1, 0)).think(questions[a:b])
+            else:  # M thinks and answers itself
+                prompts = [protocol.large_prompt(large.tokenizer, q) for q in questions[a:b]]
+                groups += large.engine.generate(prompts, params)
         samples = Samples.from_generations(groups)
         signals = [protocol.extract_signal(text) for text in samples.texts]
         lengths = [large.engine.count_tokens(s.text) if s.text else 0 for s in signals]
@@ -1008,10 +1183,14 @@ class DuetTrainer:
     def _guided(self, problems: list[Problem], roll: Rollout, step: int) -> Samples:
         """m's n_m answers to each (x, z_i); owner = the rollout i."""
         n_small = self.cfg.rollout.n_small
-        params = self._sampling("small", n_small, derive_seed(self.cfg.seed, step, "guided"))
         prompt_of = roll.large.owner.tolist()
-        questions = [render_question(problems[p]) for p in prompt_of]
-        groups = self._pipeline(params, params).answer(questions, [s.text for s in roll.signals], n=n_small)
+        groups: list[list[Generation]] = []
+        for a, b, start in self._blocks(len(problems)):
+            params = self._sampling("small", n_small, self._block_seed(step, "guided", start))
+            rows = [i for i, p in enumerate(prompt_of) if a <= p < b]
+            questions = [render_question(problems[prompt_of[i]]) for i in rows]
+            signals = [roll.signals[i].text for i in rows]
+            groups += self._pipeline(params, params).answer(questions, signals, n=n_small)
         return Samples.from_generations(groups)
 
     def _unguided(self, problems: list[Problem], roll: Rollout, step: int) -> Samples | None:
@@ -1020,12 +1199,17 @@ class DuetTrainer:
         if per is None:
             return None
         n_small = self.cfg.rollout.n_small
-        params = self._sampling("small", n_small, derive_seed(self.cfg.seed, step, "unguided"))
-        prompt_of = list(range(len(problems))) if per == "prompt" else roll.large.owner.tolist()
-        questions = [render_question(problems[p]) for p in prompt_of]
-        return Samples.from_generations(
-            self._pipeline(params, params).answer(questions, [None] * len(questions), n=n_small)
-        )
+        prompt_of = roll.large.owner.tolist()
+        groups: list[list[Generation]] = []
+        for a, b, start in self._blocks(len(problems)):
+            params = self._sampling("small", n_small, self._block_seed(step, "unguided", start))
+            if per == "prompt":
+                owners = list(range(a, b))
+            else:
+                owners = [prompt_of[i] for i in range(len(prompt_of)) if a <= prompt_of[i] < b]
+            questions = [render_question(problems[p]) for p in owners]
+            groups += self._pipeline(params, params).answer(questions, [None] * len(questions), n=n_small)
+        return Samples.from_generations(groups)
 
     def _grade(self, problems: list[Problem], roll: Rollout, small: SmallRollout) -> Grades:
         """Every answer of the step in one parallel `grade_many` call."""
@@ -1057,11 +1241,25 @@ class DuetTrainer:
             lo += len(ts)
         return out
 
-    def _recompute_old(self, large: Samples, guided: Samples | None) -> None:
+    def _recompute_old(self, large: Samples, guided: Samples | None, update_large: bool) -> None:
+        """π_old by a forward pass in the update's precision (`grpo.recompute_old_logprobs`).
+
+        With one mini-batch the update's own forward pass is π_old (see `policy_update`), so the pass
+        is skipped and `old_logprobs` set to None, except for M when the β·KL term of its reward needs
+        π_old before the update."""
+        one_epoch = self.cfg.optim.mini_batches == 1
+        needs = {
+            "large": self.cfg.objective.kl_coef > 0 or (update_large and not one_epoch),
+            "small": guided is not None and not one_epoch,
+        }
         for role, samples in (("large", large), ("small", guided)):
-            if samples is not None:
+            if samples is None:
+                continue
+            if needs[role]:
                 p = self.policies[role]
-                samples.old_logprobs = sequence_logprobs(p.model, samples, p.pad_id, p.spec)
+                samples.old_logprobs = sequence_logprobs(p.full_model, samples, p.pad_id, p.spec)
+            else:
+                samples.old_logprobs = None
 
     def _reference_kl(self, large: Samples) -> Tensor:
         """Σ_t (log π_old − log π_ref) over each of M's responses (N,): the β·KL term of M's reward."""
@@ -1120,65 +1318,116 @@ class DuetTrainer:
         return Rewards(large_reward, lengths, correct, small_reward, baseline, estimate, kl, limit)
 
     def _advantages(self, roll: Rollout, small: SmallRollout, rewards: Rewards) -> Advantages:
-        g = self.cfg.grpo
-        large = grpo.compute_advantages(g.advantage, rewards.large, roll.large.owner, g.norm_std, g.eps)
+        """Advantages of this rank's samples, computed over the global batch (rewards gathered from
+        every rank), so estimators that look beyond a group (`batch`, `global`) see what one process
+        would see."""
+        g, rank = self.cfg.grpo, self.dist.rank
+        lo, num_large = self._prompt_lo, len(roll.large)
+        local = {"large": rewards.large, "large_group": roll.large.owner + lo}
+        has_small = small.guided is not None and rewards.small is not None
+        if has_small:
+            owner = small.guided.owner  # local rollout of each answer
+            local["small"] = rewards.small
+            local["small_rollout"] = owner + rank * num_large
+            local["small_prompt"] = roll.large.owner[owner] + lo
+        batch = self.dist.gather_cat(local)
+        large = grpo.compute_advantages(g.advantage, batch["large"], batch["large_group"], g.norm_std, g.eps)
+        large = large[rank * num_large : (rank + 1) * num_large]
         small_adv = None
-        if small.guided is not None and rewards.small is not None:
-            owner = small.guided.owner
-            groups = SMALL_GROUPS[g.small_group].ids(owner, roll.large.owner[owner])
-            small_adv = grpo.compute_advantages(g.small_advantage, rewards.small, groups, g.norm_std, g.eps)
+        if has_small:
+            groups = SMALL_GROUPS[g.small_group].ids(batch["small_rollout"], batch["small_prompt"])
+            small_adv = grpo.compute_advantages(g.small_advantage, batch["small"], groups, g.norm_std, g.eps)
+            num_small = len(rewards.small)
+            small_adv = small_adv[rank * num_small : (rank + 1) * num_small]
         return Advantages(large, small_adv)
 
     def _update(self, role: str, samples: Samples, advantages: Tensor, step: int) -> UpdateStats:
         p = self.policies[role]
         assert p.optimizer is not None
         seed = derive_seed(self.cfg.seed, step, role, "mini-batches")
-        return policy_update(p.model, p.optimizer, samples, advantages, p.pad_id, p.spec, seed)
+        shard = None
+        if self.dist.enabled:
+            tokens = torch.tensor([len(t) for t in samples.token_ids], dtype=torch.long)
+            lengths = self.dist.gather_cat({"tokens": tokens})["tokens"].tolist()
+            shard = RowShard(self.dist, self.dist.rank * len(samples), lengths)
+        stats = policy_update(
+            p.model, p.optimizer, samples, advantages, p.pad_id, p.spec, seed, shard, p.forward_model
+        )
+        p.sync_rollout_model()
+        return stats
 
     # -- reporting ----------------------------------------------------------------------------------
 
-    def _metrics(
-        self,
-        roll: Rollout,
-        small: SmallRollout,
-        rewards: Rewards,
-        adv: Advantages,
-        stats: dict[str, UpdateStats],
-        lam_used: float,
-    ) -> dict[str, float]:
+    def _per_sample(
+        self, roll: Rollout, small: SmallRollout, rewards: Rewards, adv: Advantages
+    ) -> dict[str, Tensor]:
+        """The per-sample numbers the metrics and λ need; the same shapes on every rank, so the global
+        batch is their concatenation over ranks."""
         large = roll.large
+
+        def flags(values: list[bool]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float64)
+
+        t = {
+            "reward": rewards.large,
+            "advantage": adv.large,
+            "penalised": rewards.lengths,
+            "tokens": large.lengths,
+            "truncated": large.truncated,
+            "signal": roll.signal_lengths,
+            "empty": flags([not s.text for s in roll.signals]),
+            "incomplete": flags([not s.complete for s in roll.signals]),
+            "correct": rewards.correct,
+        }
+        if small.guided is not None:
+            t["small_tokens"] = small.guided.lengths
+            if rewards.small is not None:
+                t["small_reward"] = rewards.small
+            if adv.small is not None:
+                t["small_advantage"] = adv.small
+        if rewards.unguided_estimate is not None and small.unguided is not None:
+            t["unguided"] = rewards.unguided_estimate
+            t["unguided_tokens"] = small.unguided.lengths
+        if rewards.kl is not None:
+            t["kl"] = rewards.kl
+        return t
+
+    def _metrics(
+        self, t: dict[str, Tensor], stats: dict[str, UpdateStats], lam_used: float, limit: int | None
+    ) -> dict[str, float]:
+        """The step's metrics from the global batch's per-sample numbers (`_per_sample`)."""
         m: dict[str, float] = {
-            "reward/large": float(rewards.large.mean()),
-            "reward/large_std": float(rewards.large.std()) if len(large) > 1 else 0.0,
-            "advantage/large_abs": float(adv.large.abs().mean()),
+            "reward/large": float(t["reward"].mean()),
+            "reward/large_std": float(t["reward"].std()) if len(t["reward"]) > 1 else 0.0,
+            "advantage/large_abs": float(t["advantage"].abs().mean()),
             "lambda": lam_used,
             "lambda/next": self.lam.value,
-            "length/penalised_mean": float(rewards.lengths.mean()),
-            "tokens/large_mean": float(large.lengths.mean()),
-            "tokens/large_max": float(large.lengths.max()),
-            "tokens/large_truncated": float(large.truncated.mean()),
-            "tokens/signal_mean": float(roll.signal_lengths.mean()),
-            "signal/empty_frac": float(np.mean([not s.text for s in roll.signals])),
-            "signal/incomplete_frac": float(np.mean([not s.complete for s in roll.signals])),
+            "length/penalised_mean": float(t["penalised"].mean()),
+            "tokens/large_mean": float(t["tokens"].mean()),
+            "tokens/large_max": float(t["tokens"].max()),
+            "tokens/large_truncated": float(t["truncated"].mean()),
+            "tokens/signal_mean": float(t["signal"].mean()),
+            "signal/empty_frac": float(t["empty"].mean()),
+            "signal/incomplete_frac": float(t["incomplete"].mean()),
         }
-        generated = float(large.lengths.sum())
-        if small.guided is not None:
-            m["success/guided"] = float(rewards.correct.mean())
-            m["reward/small"] = float(rewards.small.mean()) if rewards.small is not None else 0.0
-            m["tokens/small_mean"] = float(small.guided.lengths.mean())
-            generated += float(small.guided.lengths.sum())
-            if adv.small is not None:
-                m["advantage/small_abs"] = float(adv.small.abs().mean())
+        generated = float(t["tokens"].sum())
+        if "small_tokens" in t:
+            m["success/guided"] = float(t["correct"].mean())
+            m["reward/small"] = float(t["small_reward"].mean()) if "small_reward" in t else 0.0
+            m["tokens/small_mean"] = float(t["small_tokens"].mean())
+            generated += float(t["small_tokens"].sum())
+            if "small_advantage" in t:
+                m["advantage/small_abs"] = float(t["small_advantage"].abs().mean())
         else:
-            m["success/large"] = float(rewards.correct.mean())
-        if rewards.unguided_estimate is not None and small.unguided is not None:
-            m["success/unguided"] = float(rewards.unguided_estimate.mean())
+            m["success/large"] = float(t["correct"].mean())
+        if "unguided" in t:
+            m["success/unguided"] = float(t["unguided"].mean())
             m["success/marginal"] = m["success/guided"] - m["success/unguided"]
-            generated += float(small.unguided.lengths.sum())
-        if rewards.kl is not None:
-            m["kl/reference"] = float(rewards.kl.mean())
-        if rewards.limit is not None:
-            m["thinkprune/limit"] = float(rewards.limit)
+            generated += float(t["unguided_tokens"].sum())
+        if "kl" in t:
+            m["kl/reference"] = float(t["kl"].mean())
+        if limit is not None:
+            m["thinkprune/limit"] = float(limit)
         m["tokens/generated"] = generated
         for role, s in stats.items():
             m.update(s.to_metrics(role))
@@ -1210,24 +1459,33 @@ class DuetTrainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Greedy accuracy and M tokens on the held-out problems (`val/...` metrics)."""
+        """Greedy accuracy and M tokens on the held-out problems (`val/...` metrics); with data
+        parallelism each rank takes a contiguous share of them."""
         from duetlm.grading import grade_many
 
-        problems = self.val_problems
+        shares = np.array_split(np.arange(len(self.val_problems)), self.dist.world_size)[self.dist.rank]
+        problems = [self.val_problems[i] for i in shares.tolist()]
         questions = [render_question(p) for p in problems]
         large = self._sampling("large", 1, 0, greedy=True)
-        if self.mode.uses_small:
+        answers: list[str] = []
+        large_tokens: list[int] = []
+        small_tokens: list[int] = []
+        if questions and self.mode.uses_small:
             results = self._pipeline(large, self._sampling("small", 1, 0, greedy=True)).run(questions)
             answers = [r.answer for r in results]
             large_tokens = [r.large_tokens for r in results]
             small_tokens = [r.small_tokens for r in results]
-        else:
+        elif questions:
             policy = self.policies["large"]
             prompts = [protocol.large_prompt(policy.tokenizer, q) for q in questions]
             gens = [gs[0] for gs in policy.engine.generate(prompts, large)]
             answers = [protocol.split_response(g.text)[1] for g in gens]
-            large_tokens, small_tokens = [g.num_tokens for g in gens], []
-        scores = grade_many(answers, problems, workers=self.cfg.run.grading_workers)
+            large_tokens = [g.num_tokens for g in gens]
+        scores = grade_many(answers, problems, workers=self.cfg.run.grading_workers) if answers else []
+        parts = self.dist.gather_objects((list(scores), large_tokens, small_tokens))
+        scores = [x for part in parts for x in part[0]]
+        large_tokens = [x for part in parts for x in part[1]]
+        small_tokens = [x for part in parts for x in part[2]]
         out = {"val/accuracy": float(np.mean(scores)), "val/large_tokens": float(np.mean(large_tokens))}
         if small_tokens:
             out["val/small_tokens"] = float(np.mean(small_tokens))
@@ -1241,9 +1499,13 @@ def run_training(
     train_problems: list[Problem] | None = None,
     val_problems: list[Problem] | None = None,
 ) -> TrainResult:
-    """`duetlm train`: validate, then train (or resume) to `run.steps`."""
+    """`duetlm train`: validate, then train (or resume) to `run.steps`. Under `accelerate launch` or
+    `torchrun` every process runs this; it leaves the process group at the end."""
     trainer = DuetTrainer(cfg, run_dir=run_dir, train_problems=train_problems, val_problems=val_problems)
-    return trainer.train(resume=resume)
+    try:
+        return trainer.train(resume=resume)
+    finally:
+        distributed.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------------
