@@ -140,9 +140,9 @@ class VLLMEngine:
     seed (unseeded calls). `max_model_len`: prompt + generation tokens per sequence (default: the
     model's). `enforce_eager`: skip torch.compile and CUDA graphs (default: on CPU only; faster start).
     `gpu_memory_utilization`: share of GPU memory vLLM may take (GPU only). `kv_cache_gib`: KV-cache
-    size (on CPU default `CPU_KV_CACHE_GIB`; like `VLLM_CPU_KVCACHE_SPACE`). `sleep_mode`: allow
-    `sleep()`/`wake_up()` (GPU only; vLLM on CPU has no sleep mode). `llm_kwargs`: any other
-    `vllm.LLM` argument, passed as given.
+    size (on CPU default `CPU_KV_CACHE_GIB`; vLLM's `VLLM_CPU_KVCACHE_SPACE`, in GiB, wins when set).
+    `sleep_mode`: allow `sleep()`/`wake_up()` (GPU only; vLLM on CPU has no sleep mode). `llm_kwargs`:
+    any other `vllm.LLM` argument, passed as given.
     """
 
     name = "vllm"
