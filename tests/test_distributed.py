@@ -169,6 +169,23 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir, tiny_llama_dir):
     assert_close_weights(ref.checkpoint, resumed.checkpoint)
     shutil.rmtree(tmp_path / "two" / "checkpoints")
 
+    # FSDP2 (parameters, gradients and AdamW states sharded over the 2 ranks): the same run again.
+    launch(
+        config(tmp_path, tiny_dir, tiny_llama_dir, "fsdp"),
+        tmp_path,
+        "fsdp",
+        2,
+        "--set",
+        "distributed.strategy=fsdp",
+    )
+    assert_same_run(a, read_jsonl(tmp_path / "fsdp" / "metrics.jsonl"))
+    assert_close_weights(ref.checkpoint, latest_checkpoint(tmp_path / "fsdp"))
+    # Its checkpoint holds whole weights and whole AdamW states: 1 process continues it.
+    fsdp_at_2 = tmp_path / "fsdp" / "checkpoints" / "step_000002"
+    again = DuetTrainer(config(tmp_path, tiny_dir, tiny_llama_dir, "again")).train(resume=str(fsdp_at_2))
+    assert_same_run(a[2:], read_jsonl(tmp_path / "again" / "metrics.jsonl"))
+    assert_close_weights(ref.checkpoint, again.checkpoint)
+
 
 # --------------------------------------------------------------------------------------------------
 # The sharding rules, without processes
