@@ -414,6 +414,52 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_dir):
     assert any(not torch.allclose(start[k], out[1][k]) for k in start)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shared_prompt_pass_equals_full_sequences(tiny_dir, autocast):
+    """Rows of one prompt share its forward pass (KV cache repeated per row): the same log-probs and the
+    same gradients as the plain [prompt | response] rows, which match grpo.model_token_logprobs."""
+    from duetlm.grpo import model_token_logprobs
+    from duetlm.models import load_model
+    from duetlm.trainer import micro_logprobs
+
+    model, tok = load_model(str(tiny_dir), device="cpu", trainable=True)
+    pad = tok.pad_token_id
+    gens = [  # two prompts of different lengths, 3 and 2 responses of different lengths
+        [Generation(0, [9, 8, 7, 6], "", "stop", [1, 2, 3, 4, 5], None) for _ in range(1)]
+        + [Generation(0, [11, 12], "", "stop", [1, 2, 3, 4, 5], None)]
+        + [Generation(0, [13, 14, 15, 16, 17, 18], "", "length", [1, 2, 3, 4, 5], None)],
+        [
+            Generation(1, [21, 22, 23], "", "stop", [40, 41], None),
+            Generation(1, [24], "", "stop", [40, 41], None),
+        ],
+    ]
+    samples = Samples.from_generations(gens)
+    rows = list(range(len(samples)))
+    out = {}
+    for share in (True, False):
+        spec = UpdateSpec(8, 1, "token-mean", 0.2, None, 8, 1.0, autocast, None, share_prompts=share)
+        model.zero_grad(set_to_none=True)
+        logp, mask, old = micro_logprobs(model, samples, rows, pad, spec)
+        (logp * mask).sum().backward()
+        out[share] = (logp.detach(), mask, {n: q.grad.clone() for n, q in model.named_parameters()})
+    assert old is None and torch.equal(out[True][1], out[False][1])
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[True][0], out[False][0], **tol)
+    for name, grad in out[False][2].items():
+        if autocast:  # bf16 rounds differently in the two layouts: compare each gradient as a whole
+            assert (out[True][2][name] - grad).norm() <= 2e-2 * grad.norm() + 1e-6, name
+        else:
+            torch.testing.assert_close(out[True][2][name], grad, **tol)
+    if not autocast:  # against the reference implementation, one row at a time
+        for r, i in enumerate(rows):
+            ids = torch.tensor([samples.prompt_ids[i] + samples.token_ids[i]])
+            with torch.no_grad():
+                ref = model_token_logprobs(model, ids, torch.ones_like(ids))[
+                    0, len(samples.prompt_ids[i]) - 1 :
+                ]
+            torch.testing.assert_close(out[True][0][r][out[True][1][r]], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_consecutive_bad_updates_stop_the_run(tmp_path, tiny_dir, tiny_llama_dir):
     from duetlm.logging_utils import RunLogger
 

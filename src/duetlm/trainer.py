@@ -7,7 +7,9 @@ One step reads as named phases, each timed (`time/<phase>_s` in the metrics):
     rollout      M samples n responses per prompt (DUET: its thinking, stopped at `</think>`) → signals z
     guided       m answers each (x, z_i) n_m times                                   (duet only)
     unguided     m answers x alone, as `objective.mu_baseline` asks                   (duet only)
-    grade        every answer graded in parallel (`grading.grade_many`)
+    grade        every answer graded (`grading.grade_many`) on a grading thread, each part as soon as
+                 it exists, overlapping the phases after it; the phase is the wait for what is left
+    old_logprobs π_old by a forward pass                        (grpo.recompute_old_logprobs, see below)
     reference    log π_ref of M's tokens, for the β·KL term of M's reward             (kl_coef > 0)
     rewards      `objective.compute_reward` (M) and r(x, y_ij) (m)
     advantages   `grpo.compute_advantages`: M grouped by prompt, m by signal or prompt
@@ -21,11 +23,26 @@ steps, m on even ones), `frozen_small` (the paper's "Fix m" ablation).
 Rollouts run on the training models themselves through `HFEngine` / `DuetPipeline` (the engine switches
 to eval mode and no_grad). With one PPO epoch, π_old is the engine's per-token log-prob of each sampled
 token (the untempered policy, the same distribution the update evaluates), so no extra forward pass is
-spent; `grpo.recompute_old_logprobs: true` recomputes it (needed when rollouts ran in another precision
-or engine than the update, e.g. bf16 autocast).
+spent. `grpo.recompute_old_logprobs: true` asks for π_old in the update's own precision (rollouts in
+another precision or engine, e.g. bf16 autocast): with one mini-batch (`optim.mini_batches: 1`) that is
+the update's forward pass itself, detached, so no pass is added either; only M's β·KL term, which needs
+π_old before the update, and several mini-batches run the `old_logprobs` pass.
+
+Forward passes of the update (and of π_old / π_ref) see [left-padded prompt | right-padded response]
+rows and compute logits for the response positions only; the rows of one prompt (M's n rollouts of x,
+m's n_m answers to (x, z_i)) share one pass over the prompt, whose key/value cache is repeated for them
+(`micro_logprobs`); micro-batches keep a prompt's rows together, longest first.
+
+Data parallelism (`duetlm.distributed`; docs/distributed.md). Under `accelerate launch` / `torchrun`
+each process takes a contiguous shard of every step's prompts with all their rollouts and answers, so
+GRPO groups stay on one process; advantages, λ and metrics come from per-sample tensors gathered in
+global order; the updates draw the global mini-batches with global normalisers through DDP or FSDP2;
+rank 0 writes logs and checkpoints. With `rollout.generation_block` dividing each process's share, the
+samples, and so the run, do not depend on the number of processes (up to float summation order).
 
 Reproducibility that survives a restart. Every random stream derives from (seed, step, role): the
-generation seeds of M, of guided m and of unguided m, and the order of the data (a seeded permutation per
+generation seeds of M, of guided m and of unguided m (per generation call: its first prompt's place in
+the global batch is part of the key, except for the call that starts the batch), and the order of the data (a seeded permutation per
 epoch, read through a stored cursor). The global python/numpy/torch RNG states go into every checkpoint
 too. So a run killed with SIGKILL and resumed from its last checkpoint reproduces an uninterrupted run's
 per-step metrics and final weights bit for bit on CPU (tests/test_trainer.py kills one to check).
@@ -49,8 +66,9 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +378,9 @@ class UpdateSpec:
     grad_clip: float
     autocast: bool
     chunk_size: int | None
+    # Rows with the same prompt share one forward pass of it (see `micro_logprobs`). Off with gradient
+    # checkpointing, whose recomputation drops the key/value cache the shared pass hands on.
+    share_prompts: bool = True
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -370,32 +391,117 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
-def pack(samples: Samples, idx: list[int], pad_id: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Right-padded prompt+response rows for samples `idx`.
-
-    Returns input_ids (b, W), attention_mask (b, W), response mask (b, W−1) on the log-prob grid of
-    `grpo.model_token_logprobs` (entry t scores token t+1), and old log-probs (b, W−1) on that grid
-    (zeros when the samples carry none).
-    """
-    rows = [samples.prompt_ids[i] + samples.token_ids[i] for i in idx]
+def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(b, P) ids and mask, each row right-aligned (left padding), P = the longest row."""
     width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, row in enumerate(rows):
+        ids[k, width - len(row) :] = torch.tensor(row)
+        mask[k, width - len(row) :] = 1
+    return ids, mask
+
+
+def response_grid(samples: Samples, idx: list[int], pad_id: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The responses of samples `idx`, right-padded: token ids (b, R), mask (b, R) and π_old (b, R)
+    (None when the samples carry no old log-probs). R = the longest response. Every log-prob, mask
+    and loss of an update lives on this grid."""
+    width = max(len(samples.token_ids[i]) for i in idx)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
-    resp = torch.zeros((len(idx), width - 1), dtype=torch.bool)
-    old = torch.zeros((len(idx), width - 1), dtype=torch.float32)
-    for r, i in enumerate(idx):
-        p, n = len(samples.prompt_ids[i]), len(samples.token_ids[i])
-        ids[r, : p + n] = torch.tensor(rows[r])
-        mask[r, : p + n] = 1
-        resp[r, p - 1 : p + n - 1] = True
-        if samples.old_logprobs is not None:
-            old[r, p - 1 : p + n - 1] = samples.old_logprobs[i]
-    return ids.to(device), mask.to(device), resp.to(device), old.to(device)
+    mask = torch.zeros((len(idx), width), dtype=torch.bool)
+    old = None if samples.old_logprobs is None else torch.zeros((len(idx), width), dtype=torch.float32)
+    for k, i in enumerate(idx):
+        n = len(samples.token_ids[i])
+        ids[k, :n] = torch.tensor(samples.token_ids[i])
+        mask[k, :n] = True
+        if old is not None:
+            old[k, :n] = samples.old_logprobs[i]
+    return ids, mask, old
+
+
+def micro_logprobs(
+    forward: torch.nn.Module,
+    samples: Samples,
+    idx: list[int],
+    pad_id: int,
+    spec: UpdateSpec,
+    prompt_model: torch.nn.Module | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """log π(response tokens) of samples `idx` on the response grid: (b, R) log-probs (0 on padding),
+    (b, R) mask, (b, R) π_old (see `response_grid`). Gradients flow when they are enabled.
+
+    Rows are laid out as [left-padded prompt | right-padded response], so the logits are computed for
+    the response positions only (`logits_to_keep`): the prompt's positions never reach the LM head.
+    When several rows share a prompt (a GRPO group: M's n rollouts of x, m's n_m answers to (x, z_i))
+    and `spec.share_prompts`, each distinct prompt runs once (through `prompt_model`, default
+    `forward`) and its key/value cache is repeated for its rows, which then run their responses only;
+    gradients flow back through the shared cache. (The paper's m reads prompts of up to 18k tokens and
+    writes up to 2k: sharing cuts its update's tokens by about n_m.)"""
+    device = _device(forward)
+    resp, mask, old = response_grid(samples, idx, pad_id)
+    prompts: dict[tuple[int, ...], int] = {}
+    which = [prompts.setdefault(tuple(samples.prompt_ids[i]), len(prompts)) for i in idx]
+    share = spec.share_prompts and len(prompts) < len(idx)
+    width = resp.shape[1]
+    with _autocast(device, spec.autocast):
+        if share:
+            from duetlm.engines.hf import _cache_kwarg
+
+            model = prompt_model if prompt_model is not None else forward
+            p_ids, p_mask = _left_padded([list(t) for t in prompts], pad_id)
+            p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(
+                input_ids=p_ids.to(device),
+                attention_mask=p_mask.to(device),
+                position_ids=p_pos.to(device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+            rows = torch.tensor(which, device=device)
+            cache.batch_select_indices(rows)  # (U, ...) → (b, ...): each row's prompt
+            full_mask = torch.cat([p_mask.to(device)[rows], mask.long().to(device)], dim=1)  # (b, P+R)
+            pos = p_mask.sum(-1).to(device)[rows, None] + torch.arange(width, device=device)  # (b, R)
+            out2 = forward(
+                input_ids=resp.to(device),
+                attention_mask=full_mask,
+                position_ids=pos,
+                use_cache=True,
+                **{_cache_kwarg(model): cache},
+            )
+            # Token 0 of a response is scored by the prompt's last position, token t by response t−1.
+            logits = torch.cat([out.logits[rows], out2.logits[:, :-1]], dim=1)  # (b, R, V)
+        else:
+            p_ids, p_mask = _left_padded([samples.prompt_ids[i] for i in idx], pad_id)
+            ids = torch.cat([p_ids, resp], dim=1).to(device)  # (b, P+R)
+            full_mask = torch.cat([p_mask, mask.long()], dim=1).to(device)
+            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            out = forward(
+                input_ids=ids,
+                attention_mask=full_mask,
+                position_ids=pos,
+                use_cache=False,
+                logits_to_keep=width + 1,
+            )
+            logits = out.logits[:, :-1]  # (b, R, V): position P−1+t scores response token t
+    mask = mask.to(device)
+    logp = grpo.token_logprobs(logits, resp.to(device), chunk_size=spec.chunk_size)  # (b, R)
+    logp = torch.where(mask, logp.float(), torch.zeros_like(logp, dtype=torch.float32))
+    return logp, mask, None if old is None else old.to(device)
 
 
 def _micro_batches(samples: Samples, idx: list[int], size: int) -> Iterator[list[int]]:
-    """Chunks of `idx`, longest rows first, so each micro-batch pads little."""
-    ordered = sorted(idx, key=lambda i: -(len(samples.prompt_ids[i]) + len(samples.token_ids[i])))
+    """Chunks of `idx`: rows of one prompt together (so they can share its forward pass), longest
+    prompts first, and within a prompt the longest responses first, so each micro-batch pads little."""
+    first: dict[tuple[int, ...], int] = {}
+    for i in idx:
+        first.setdefault(tuple(samples.prompt_ids[i]), i)
+
+    def key(i: int) -> tuple[int, int, int]:
+        prompt = samples.prompt_ids[i]
+        return (-len(prompt), first[tuple(prompt)], -len(samples.token_ids[i]))
+
+    ordered = sorted(idx, key=key)
     for lo in range(0, len(ordered), size):
         yield ordered[lo : lo + size]
 
@@ -404,19 +510,18 @@ def _micro_batches(samples: Samples, idx: list[int], size: int) -> Iterator[list
 def sequence_logprobs(
     model: torch.nn.Module, samples: Samples, pad_id: int, spec: UpdateSpec
 ) -> list[Tensor]:
-    """log π(response tokens) of every sample under `model` (eval mode, no grad): N × (L_k,) on CPU."""
-    device = _device(model)
+    """log π(response tokens) of every sample under `model` (eval mode, no grad): N × (L_k,) on CPU.
+    (Without gradients the shared prompt pass also works under gradient checkpointing.)"""
     was_training = model.training
     model.eval()
     out: list[Tensor | None] = [None] * len(samples)
+    spec = replace(spec, share_prompts=True)
     try:
         for micro in _micro_batches(samples, list(range(len(samples))), spec.micro_batch_size):
-            ids, mask, resp, _ = pack(samples, micro, pad_id, device)
-            with _autocast(device, spec.autocast):
-                logp = grpo.model_token_logprobs(model, ids, mask, chunk_size=spec.chunk_size)
-            logp = logp.float().cpu()
+            logp, mask, _ = micro_logprobs(model, samples, micro, pad_id, spec)
+            logp, mask = logp.cpu(), mask.cpu()
             for r, i in enumerate(micro):
-                out[i] = logp[r][resp[r].cpu()]
+                out[i] = logp[r][mask[r]]
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
@@ -485,11 +590,8 @@ def policy_update(
         loss_sum, clip_sum, kl_sum, finite = 0.0, 0.0, 0.0, True
         for k, micro in enumerate(micros):
             rows = micro if micro is not None else [0]  # a filler runs one row with zero weight
-            ids, mask, resp, old = pack(samples, rows, pad_id, device)
             with distributed.gradient_sync(forward, k == len(micros) - 1):
-                with _autocast(device, spec.autocast):
-                    logp = grpo.model_token_logprobs(forward, ids, mask, chunk_size=spec.chunk_size)
-                logp = logp.float()
+                logp, resp, old = micro_logprobs(forward, samples, rows, pad_id, spec, prompt_model=model)
                 if micro is None:  # a filler: this rank has no more rows in this mini-batch
                     (logp.sum() * 0.0).backward()
                     continue
@@ -755,6 +857,7 @@ class DuetTrainer:
         self.stop = StopRequest()
         self.dist = Dist()  # one process until `init_distributed` finds a launcher
         self._prompt_lo = 0  # global index of this rank's first prompt in the current step's batch
+        self._grader: ThreadPoolExecutor | None = None  # the grading thread (`_grade_later`)
         self.policies: dict[str, Policy] = {}
         self.reference: torch.nn.Module | None = None
 
@@ -784,7 +887,7 @@ class DuetTrainer:
             train, val = split_holdout(train, data.val_size, self.cfg.seed)
         return list(train), list(val or [])
 
-    def _update_spec(self, sampling_max_tokens: int) -> UpdateSpec:
+    def _update_spec(self, sampling_max_tokens: int, share_prompts: bool = True) -> UpdateSpec:
         g, o = self.cfg.grpo, self.cfg.optim
         return UpdateSpec(
             micro_batch_size=o.micro_batch_size,
@@ -796,6 +899,7 @@ class DuetTrainer:
             grad_clip=o.grad_clip,
             autocast=o.autocast == "bf16",
             chunk_size=o.logprob_chunk_size,
+            share_prompts=share_prompts,
         )
 
     def _load_policy(self, role: str, mcfg: ModelConfig, trainable: bool, checkpoint: Path | None) -> Policy:
@@ -831,6 +935,9 @@ class DuetTrainer:
                 weight_decay=o.weight_decay,
             )
         sampling = self.cfg.rollout.large if role == "large" else self.cfg.rollout.small
+        # Shared prompt passes (micro_logprobs): not under gradient checkpointing (it drops the cache)
+        # nor FSDP (each forward is a collective, and ranks would run different numbers of them).
+        share = not mcfg.gradient_checkpointing and rollout_model is None
         engine = HFEngine(
             rollout_model if rollout_model is not None else model,
             tokenizer,
@@ -843,7 +950,7 @@ class DuetTrainer:
             tokenizer,
             engine,
             optimizer,
-            self._update_spec(sampling.max_new_tokens),
+            self._update_spec(sampling.max_new_tokens, share_prompts=share),
             wrapper=wrapper,
             rollout_model=rollout_model,
         )
@@ -1037,6 +1144,9 @@ class DuetTrainer:
         finally:
             self.stop.restore()
             logger.close()
+            if self._grader is not None:
+                self._grader.shutdown()
+                self._grader = None
         return TrainResult(
             run_dir=self.run_dir,
             step=self.step,
@@ -1073,19 +1183,25 @@ class DuetTrainer:
         lo, hi = self.dist.shard(cfg.rollout.batch_size)
         self._prompt_lo = lo
         problems = [self.train_problems[i] for i in indices[lo:hi]]
+        # Grading runs on its own thread, each part as soon as its answers exist, while the next
+        # phases generate or score; the `grade` phase is only the wait for what is left.
+        grading: dict[str, Future] = {}
         with timer("rollout"):
             roll = self._rollout(problems, step)
-        self.stop.check(self.dist)
         small = SmallRollout()
+        if not self.mode.uses_small:
+            grading["large"] = self._grade_later("large", problems, roll, small)
+        self.stop.check(self.dist)
         if self.mode.uses_small:
             with timer("guided"):
                 small.guided = self._guided(problems, roll, step)
+            grading["guided"] = self._grade_later("guided", problems, roll, small)
             self.stop.check(self.dist)
             with timer("unguided"):
                 small.unguided = self._unguided(problems, roll, step)
+            if small.unguided is not None:
+                grading["unguided"] = self._grade_later("unguided", problems, roll, small)
             self.stop.check(self.dist)
-        with timer("grade"):
-            grades = self._grade(problems, roll, small)
         update_small, update_large = self.schedule.updates(step)
         update_small = update_small and small.guided is not None and self.schedule.trains_small
         if cfg.grpo.recompute_old_logprobs:
@@ -1095,6 +1211,8 @@ class DuetTrainer:
         if cfg.objective.kl_coef > 0:
             with timer("reference"):
                 kl = self._reference_kl(roll.large)
+        with timer("grade"):
+            grades = Grades(**{part: torch.tensor(f.result()) for part, f in grading.items()})
         self.stop.check(self.dist)
         with timer("rewards"):
             rewards = self._rewards(step, roll, small, grades, kl)
@@ -1211,35 +1329,48 @@ class DuetTrainer:
             groups += self._pipeline(params, params).answer(questions, [None] * len(questions), n=n_small)
         return Samples.from_generations(groups)
 
+    def _grade_inputs(
+        self, part: str, problems: list[Problem], roll: Rollout, small: SmallRollout
+    ) -> tuple[list[str], list[Problem]]:
+        """The (answer, problem) pairs of one part of the step: `large` (M's own answers, after its
+        thinking), `guided` or `unguided` (m's answers)."""
+        prompt_of = roll.large.owner
+        if part == "large":
+            answers = [protocol.split_response(t)[1] for t in roll.large.texts]
+            return answers, [problems[i] for i in prompt_of.tolist()]
+        samples = small.guided if part == "guided" else small.unguided
+        assert samples is not None
+        owners = samples.owner
+        if part == "guided" or UNGUIDED_PER[self.cfg.objective.mu_baseline] == "rollout":
+            owners = prompt_of[owners]
+        return samples.texts, [problems[i] for i in owners.tolist()]
+
     def _grade(self, problems: list[Problem], roll: Rollout, small: SmallRollout) -> Grades:
         """Every answer of the step in one parallel `grade_many` call."""
         from duetlm.grading import grade_many
 
-        prompt_of = roll.large.owner
-        per = UNGUIDED_PER[self.cfg.objective.mu_baseline]
-        parts: list[tuple[str, list[str], list[int]]] = []
-        if small.guided is not None:
-            parts.append(("guided", small.guided.texts, prompt_of[small.guided.owner].tolist()))
-        else:  # M answered itself, after its thinking
-            answers = [protocol.split_response(t)[1] for t in roll.large.texts]
-            parts.append(("large", answers, prompt_of.tolist()))
+        parts = ["guided" if small.guided is not None else "large"]
         if small.unguided is not None:
-            owners = small.unguided.owner
-            parts.append(
-                (
-                    "unguided",
-                    small.unguided.texts,
-                    (owners if per == "prompt" else prompt_of[owners]).tolist(),
-                )
-            )
-        texts = [t for _, ts, _ in parts for t in ts]
-        probs = [problems[i] for _, _, idx in parts for i in idx]
+            parts.append("unguided")
+        inputs = [self._grade_inputs(part, problems, roll, small) for part in parts]
+        texts = [t for ts, _ in inputs for t in ts]
+        probs = [p for _, ps in inputs for p in ps]
         scores = torch.tensor(grade_many(texts, probs, workers=self.cfg.run.grading_workers))
         out, lo = Grades(), 0
-        for name, ts, _ in parts:
-            setattr(out, name, scores[lo : lo + len(ts)])
+        for part, (ts, _) in zip(parts, inputs, strict=True):
+            setattr(out, part, scores[lo : lo + len(ts)])
             lo += len(ts)
         return out
+
+    def _grade_later(self, part: str, problems: list[Problem], roll: Rollout, small: SmallRollout) -> Future:
+        """Grade one part of the step on the grading thread while the next phase runs (a future of its
+        scores). Off the main thread `grade_many` bounds each comparison in helper processes."""
+        from duetlm.grading import grade_many
+
+        if self._grader is None:
+            self._grader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duetlm-grade")
+        texts, probs = self._grade_inputs(part, problems, roll, small)
+        return self._grader.submit(grade_many, texts, probs, workers=self.cfg.run.grading_workers)
 
     def _recompute_old(self, large: Samples, guided: Samples | None, update_large: bool) -> None:
         """π_old by a forward pass in the update's precision (`grpo.recompute_old_logprobs`).
