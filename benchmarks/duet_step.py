@@ -168,7 +168,9 @@ def main() -> None:
                 {
                     "argv": sys.argv[1:],
                     "median_s": med,
-                    "steps": [{k: v for k, v in r.items() if k.startswith("time/")} for r in records],
+                    "steps": [
+                        {k: v for k, v in r.items() if k.startswith(("time/", "tokens/"))} for r in records
+                    ],
                     "load": load,
                 },
                 indent=1,

@@ -130,6 +130,7 @@ def trl_run(model_dir: Path, out_dir: Path, args: argparse.Namespace) -> tuple[l
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from duetlm import protocol
@@ -155,6 +156,7 @@ def trl_run(model_dir: Path, out_dir: Path, args: argparse.Namespace) -> tuple[l
         bf16=False,
         beta=0.0,
         learning_rate=1e-6,
+        lr_scheduler_type="constant",
         max_grad_norm=1.0,
         num_generations=args.n,
         per_device_train_batch_size=args.micro,
@@ -191,6 +193,7 @@ def trl_run(model_dir: Path, out_dir: Path, args: argparse.Namespace) -> tuple[l
         processing_class=tok,
         callbacks=[StepTimer()],
     )
+    trainer.remove_callback(PrinterCallback)  # its per-step log dicts would bury the timings
     trainer.train()
     torch.set_num_threads(args.threads)  # in case the Trainer changed it
     lengths = [
