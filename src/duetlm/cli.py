@@ -329,6 +329,44 @@ def data_stats(
         typer.echo(f"  {kind}: {count}")
 
 
+@app.command()
+@user_errors
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="toy sizes: every phase in about a minute")] = False,
+    seed: Annotated[
+        int | None, typer.Option(help="seed of training problems, warm start and RL (default: config's, 0)")
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="run directory (default runs/demo-seed<SEED>)")] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="YAML demo config (configs/demo.yaml)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a config key: --set rl.steps=40 (repeatable)")
+    ] = None,
+    cache_dir: Annotated[
+        str | None, typer.Option(help="warm-start cache (default $DUETLM_CACHE or ~/.cache/duetlm)")
+    ] = None,
+) -> None:
+    """The whole DUET method on a CPU: lab task, warm start (cached), baselines, DUET training, table."""
+    from pathlib import Path
+
+    from duetlm.config import build_config, deep_merge, load_config, parse_overrides
+    from duetlm.lab.demo import DemoConfig, quick_config, run_demo
+    from duetlm.models import cache_dir as default_cache
+
+    overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
+    if quick:  # the toy sizes, then the config file and the overrides on top
+        base = quick_config().model_dump()
+        if config:
+            base = deep_merge(base, load_config(DemoConfig, config).model_dump(exclude_defaults=True))
+        cfg = build_config(DemoConfig, deep_merge(base, parse_overrides(overrides)), "--quick + overrides")
+    else:
+        cfg = load_config(DemoConfig, config, overrides)
+    out = Path(output or f"runs/demo{'-quick' if quick else ''}-seed{cfg.seed}")
+    command = " ".join(["duetlm", *sys.argv[1:]])
+    run_demo(cfg, out, Path(cache_dir) if cache_dir else default_cache(), command=command)
+
+
 def main() -> None:  # pragma: no cover - console entry point alternative
     app()
 if __name__ == "__main__":
