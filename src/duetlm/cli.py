@@ -28,6 +28,10 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """DUET: a large model thinks, a small model answers. Train, evaluate and serve model pairs."""
+    # Weight-loading bars from transformers/hub clutter every command's output; duetlm shows its own.
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
