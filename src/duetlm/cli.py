@@ -342,7 +342,8 @@ def demo(
     ] = None,
     output: Annotated[str | None, typer.Option(help="run directory (default runs/demo-seed<SEED>)")] = None,
     config: Annotated[
-        str | None, typer.Option("--config", "-c", help="YAML demo config (configs/demo.yaml)")
+        str | None,
+        typer.Option("--config", "-c", help="YAML demo config (a run's demo-config.yaml is a full example)"),
     ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a config key: --set rl.steps=40 (repeatable)")

@@ -385,6 +385,8 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_pareto(rows: list[Row], path: Path) -> None:
+    """Accuracy against M tokens: DUET, the original M and m alone as labelled points, budget forcing
+    at every budget as two lines (M answers the cut thinking; m answers it), the Pareto front in grey."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless
@@ -394,19 +396,36 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = [(r.large_tokens, r.accuracy) for r in rows]
-    for r in rows:
-        marker = "*" if r.method.startswith("duet") else "o"
-        ax.scatter([r.large_tokens], [r.accuracy], s=90 if marker == "*" else 36, marker=marker)
-        ax.annotate(
-            r.method, (r.large_tokens, r.accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7
-        )
     front = pareto_front(pts)
     if len(front) > 1:
         ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="grey", lw=1)
+    for prefix, label in (
+        ("truncation:", "budget forcing, M answers"),
+        ("truncation-small:", "cut thinking, m answers"),
+    ):
+        family = sorted((r for r in rows if r.method.startswith(prefix)), key=lambda r: r.large_tokens)
+        if family:
+            ax.plot([r.large_tokens for r in family], [r.accuracy for r in family], "o--", ms=4, label=label)
+    # Label offsets (points): pairs that sit on top of each other (the original M and DUET before RL;
+    # m before and after RL) get their labels on opposite sides.
+    offsets = {"duet (warm start)": (-95, -14), "original": (-20, 8), "small (trained m)": (6, 6)}
+    for r in rows:
+        if r.method.startswith("truncation"):
+            continue
+        marker = "*" if r.method.startswith("duet") else "s"
+        ax.scatter([r.large_tokens], [r.accuracy], s=110 if marker == "*" else 40, marker=marker, zorder=3)
+        ax.annotate(
+            r.method,
+            (r.large_tokens, r.accuracy),
+            textcoords="offset points",
+            xytext=offsets.get(r.method, (6, -12)),
+            fontsize=8,
+        )
     ax.set_xlabel("M tokens per problem (greedy)")
     ax.set_ylabel("accuracy (test problems)")
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.08)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
     ax.set_title("lab: accuracy against large-model tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -429,6 +448,8 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
             ax.plot([s for s, _ in vt], [v for _, v in vt], marker="o", ms=3, label="validation (greedy)")
             ax.legend(fontsize=7)
         ax.set_title(label, fontsize=9)
+        if key in ("success/guided", "val/accuracy"):
+            ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
