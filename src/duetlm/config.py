@@ -231,6 +231,11 @@ class RolloutConfig(Strict):
         description="m's decoding (its answer)",
     )
     engine_batch_size: int = Field(64, ge=1, description="sequences decoded together by the HF engine")
+    vllm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options of the VLLMEngine of a model with engine: vllm (max_model_len, kv_cache_gib, "
+        "gpu_memory_utilization: leave GPU memory for the training copy, ...)",
+    )
     generation_block: int | None = Field(
         None,
         ge=1,
@@ -238,6 +243,23 @@ class RolloutConfig(Strict):
         "derives from (seed, step, role, its first prompt's index in the global batch), so with a block "
         "that divides batch_size / processes the samples do not depend on the number of processes",
     )
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import inspect
+
+        from duetlm.engines.vllm import VLLMEngine  # imports without vllm itself
+
+        valid = [
+            n
+            for n in inspect.signature(VLLMEngine.__init__).parameters
+            if n not in ("self", "spec", "dtype", "seed")
+        ]
+        unknown = sorted(set(v) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown rollout.vllm option(s) {unknown}; valid: {', '.join(valid)}")
+        return v
 
     @model_validator(mode="after")
     def _block(self) -> RolloutConfig:
@@ -456,6 +478,12 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"rollout.n must be >= 2: GRPO compares the n rollouts of a prompt (got {self.rollout.n})"
             )
+        for role, model in (("large", self.large), ("small", self.small if uses_small else None)):
+            if model is not None and model.engine == "remote":
+                raise ValueError(
+                    f"{role}.engine='remote' cannot be used for training: the trainer loads every model "
+                    "it rolls out with and pushes updated weights to its engine; use engine: hf or vllm"
+                )
         trains_small = uses_small and SCHEDULES[self.schedule].trains_small
         group_size = SMALL_GROUPS[self.grpo.small_group].size(self.rollout.n, self.rollout.n_small)
         if trains_small and group_size < 2:

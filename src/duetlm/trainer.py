@@ -21,8 +21,14 @@ Schedules (`SCHEDULES`): `joint` (both models every step, m first: the reference
 steps, m on even ones), `frozen_small` (the paper's "Fix m" ablation).
 
 Rollouts run on the training models themselves through `HFEngine` / `DuetPipeline` (the engine switches
-to eval mode and no_grad). With one PPO epoch, π_old is the engine's per-token log-prob of each sampled
-token (the untempered policy, the same distribution the update evaluates), so no extra forward pass is
+to eval mode and no_grad), or, for a model with `engine: vllm`, through a `VLLMEngine` serving a copy of
+its weights: after each update of that model its weights are pushed to the engine (LoRA merged first),
+and a resumed run starts the engine from the checkpoint; π_old of that model is then always recomputed
+by the training model (as with `grpo.recompute_old_logprobs: true`), so the PPO ratio compares the
+training model with itself and the two engines' numerical differences stay out of it. vLLM rollouts
+run in one process only (no data parallelism).
+
+With one PPO epoch and the HF engine, π_old is the engine's per-token log-prob of each sampled token (the untempered policy, the same distribution the update evaluates), so no extra forward pass is
 spent. `grpo.recompute_old_logprobs: true` asks for π_old in the update's own precision (rollouts in
 another precision or engine, e.g. bf16 autocast): with one mini-batch (`optim.mini_batches: 1`) that is
 the update's forward pass itself, detached, so no pass is added either; only M's β·KL term, which needs
@@ -772,6 +778,25 @@ class Policy:
         if self.rollout_model is not None:
             distributed.copy_full_weights(self.model, self.rollout_model)
 
+    def push_weights(self) -> None:
+        """vLLM rollouts: load the updated weights into the engine (all of them; LoRA merged into a
+        copy of the model, since vLLM takes plain checkpoint names). Nothing to do for the HF engine,
+        which generates with `full_model` itself."""
+        if self.cfg.engine != "vllm":
+            return
+        if self.is_lora:
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            self.engine.load_weights(merged.state_dict())
+            del merged
+        else:
+            self.engine.load_weights(self.full_model.state_dict())
+
+    def close(self) -> None:
+        """Stop the engine's own processes (vLLM); the HF engine has none."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
     @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -836,13 +861,9 @@ class DuetTrainer:
         self.run_dir = Path(run_dir if run_dir is not None else cfg.run.dir)
         check_backends(cfg.logging)
         self.train_problems, self.val_problems = self._load_data(train_problems, val_problems)
-        for role, mcfg in self._model_configs():
-            if mcfg.engine != "hf":
-                raise ConfigError(
-                    f"{role}.engine={mcfg.engine!r}: training rolls out with the models being trained, "
-                    "through the HF engine; set engine: hf"
-                )
+        for _, mcfg in self._model_configs():
             resolve_model_path(mcfg.path)  # a missing model fails here, before any model loads
+        self._check_engines()
         obj = cfg.objective
         self.lam = objective.LambdaController(
             init=obj.lambda_init,
@@ -862,6 +883,33 @@ class DuetTrainer:
         self.reference: torch.nn.Module | None = None
 
     # -- set-up -------------------------------------------------------------------------------------
+
+    def _check_engines(self) -> None:
+        """Refuse, before any model loads, rollout engines this run cannot use (TrainConfig has already
+        refused `engine: remote`): vLLM needs the vllm package and one process."""
+        vllm_roles = [role for role, m in self._model_configs() if m.engine == "vllm"]
+        if not vllm_roles:
+            return
+        names = ", ".join(f"{r}.engine" for r in vllm_roles)
+        if distributed.launched_world_size() > 1:
+            raise ConfigError(
+                f"{names}=vllm: vLLM rollouts are supported in one process only (this launch has "
+                f"WORLD_SIZE={distributed.launched_world_size()}); use engine: hf for data parallelism"
+            )
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            from duetlm.engines.vllm import INSTALL_HINT, VLLMUnavailableError
+
+            raise VLLMUnavailableError(
+                f"{names}=vllm needs the vllm package, which is not installed: {INSTALL_HINT}"
+            )
+
+    def _recomputes(self, role: str) -> bool:
+        """Whether π_old of `role` comes from the training model (`_recompute_old`) rather than from the
+        engine's log-probs: asked for, or forced when another engine (vLLM) rolled out."""
+        mcfg = self.cfg.large if role == "large" else self.cfg.small
+        return self.cfg.grpo.recompute_old_logprobs or (mcfg is not None and mcfg.engine != "hf")
 
     def _model_configs(self) -> list[tuple[str, ModelConfig]]:
         roles = [("large", self.cfg.large)]
@@ -938,11 +986,22 @@ class DuetTrainer:
         # Shared prompt passes (micro_logprobs): not under gradient checkpointing (it drops the cache)
         # nor FSDP (each forward is a collective, and ranks would run different numbers of them).
         share = not mcfg.gradient_checkpointing and rollout_model is None
-        engine = HFEngine(
-            rollout_model if rollout_model is not None else model,
-            tokenizer,
-            max_batch_size=self.cfg.rollout.engine_batch_size,
-        )
+        if mcfg.engine == "vllm":
+            from duetlm.engines import build_engine
+
+            # The training copy stays the HF model above; vLLM serves the same weights: the
+            # checkpoint's when resuming (`<checkpoint>/<role>` holds merged weights for LoRA too),
+            # and each update's, pushed by `Policy.push_weights`.
+            served = str(checkpoint / role) if checkpoint is not None else mcfg.path
+            engine = build_engine(
+                mcfg.model_copy(update={"path": served}), seed=self.cfg.seed, **self.cfg.rollout.vllm
+            )
+        else:
+            engine = HFEngine(
+                rollout_model if rollout_model is not None else model,
+                tokenizer,
+                max_batch_size=self.cfg.rollout.engine_batch_size,
+            )
         return Policy(
             role,
             mcfg,
@@ -1089,6 +1148,12 @@ class DuetTrainer:
             raise DuetError(f"--resume {resume}: not a complete checkpoint directory (no {ckpt.COMPLETE})")
         return path
 
+    def close(self) -> None:
+        """Stop the rollout engines' own processes (vLLM). `train` leaves them running, so the
+        engines can still be used after it returns; `run_training` calls this."""
+        for policy in self.policies.values():
+            policy.close()
+
     # -- the loop -----------------------------------------------------------------------------------
 
     def train(self, resume: str | None = None) -> TrainResult:
@@ -1204,7 +1269,7 @@ class DuetTrainer:
             self.stop.check(self.dist)
         update_small, update_large = self.schedule.updates(step)
         update_small = update_small and small.guided is not None and self.schedule.trains_small
-        if cfg.grpo.recompute_old_logprobs:
+        if any(self._recomputes(role) for role in self.policies):
             with timer("old_logprobs"):
                 self._recompute_old(roll.large, small.guided if update_small else None, update_large)
         kl = None
@@ -1384,8 +1449,8 @@ class DuetTrainer:
             "small": guided is not None and not one_epoch,
         }
         for role, samples in (("large", large), ("small", guided)):
-            if samples is None:
-                continue
+            if samples is None or not self._recomputes(role):
+                continue  # π_old stays the engine's log-probs
             if needs[role]:
                 p = self.policies[role]
                 samples.old_logprobs = sequence_logprobs(p.full_model, samples, p.pad_id, p.spec)
@@ -1485,6 +1550,7 @@ class DuetTrainer:
             p.model, p.optimizer, samples, advantages, p.pad_id, p.spec, seed, shard, p.forward_model
         )
         p.sync_rollout_model()
+        p.push_weights()
         return stats
 
     # -- reporting ----------------------------------------------------------------------------------
@@ -1636,6 +1702,7 @@ def run_training(
     try:
         return trainer.train(resume=resume)
     finally:
+        trainer.close()
         distributed.shutdown()
 
 
