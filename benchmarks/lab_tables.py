@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="warm-start cache root (default: duetlm's cache dir)")
     ap.add_argument("--only", default=None, help="comma-separated variant names to train (default: all)")
+    ap.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the inference-only rows (to split variants over runs)",
+    )
     ap.add_argument("--quick", action="store_true", help="the demo's toy sizes (smoke test)")
     args = ap.parse_args(argv)
 
@@ -192,22 +197,30 @@ def main(argv: list[str] | None = None) -> int:
     tables: dict[str, list[str]] = {"table1": [], "ablation": [], "global": []}
     missing: list[str] = [v.name for v in VARIANTS]  # until trained
 
-    say("inference-only baselines on the warm-started pair")
-    base = evaluate(work / "eval" / "warm", cfg, large0, small0, data.test, ["small", "original"])
-    t0 = next(r for r in base if r.method == "original").large_tokens
-    budgets = sorted({max(1, round(f * t0)) for f in (0.4, 0.6, 0.8)})
-    base += evaluate(
-        work / "eval" / "warm2",
-        cfg,
-        large0,
-        small0,
-        data.test,
-        ["prompt", "duet"] + [f"truncation:{b}" for b in budgets],
-        rename={"duet": "DUET (untrained pair)"},
-    )
-    rows += base
-    tables["table1"] += [r.method for r in base]
-    tp = thinkprune_objective(t0, cfg.rl.objective.budget, args.steps, cfg.rl.rollout.large.max_new_tokens)
+    t0: float | None = None
+    budgets: list[int] = []
+    tp: dict[str, int] = {}
+    if args.no_baselines:
+        if any(v.mode == "thinkprune" for v in variants):
+            ap.error("ThinkPrune's limits are scaled to the original M's tokens: run it with the baselines")
+    else:
+        say("inference-only baselines on the warm-started pair")
+        base = evaluate(work / "eval" / "warm", cfg, large0, small0, data.test, ["small", "original"])
+        t0 = next(r for r in base if r.method == "original").large_tokens
+        budgets = sorted({max(1, round(f * t0)) for f in (0.4, 0.6, 0.8)})
+        base += evaluate(
+            work / "eval" / "warm2",
+            cfg,
+            large0,
+            small0,
+            data.test,
+            ["prompt", "duet"] + [f"truncation:{b}" for b in budgets],
+            rename={"duet": "DUET (untrained pair)"},
+        )
+        rows += base
+        tables["table1"] += [r.method for r in base]
+        rollout_cap = cfg.rl.rollout.large.max_new_tokens
+        tp = thinkprune_objective(t0, cfg.rl.objective.budget, args.steps, rollout_cap)
 
     def write() -> None:
         by = {r.method: r for r in rows}
@@ -222,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             md.append(f"\nNot run in this invocation: {', '.join(missing)}\n")
         (out / "tables.md").write_text("".join(md))
-        plot_pareto([r for r in rows if r.method != "small"], out / "pareto.png")
+        if rows:
+            plot_pareto([r for r in rows if r.method != "small"], out / "pareto.png")
         results = {
             "command": " ".join(["python", *sys.argv]),
             "seed": cfg.seed,
