@@ -140,6 +140,72 @@ def fmt_table(rows: list[Row], extra: dict[str, dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+TITLES = {
+    "table1": "Table 1: methods (test problems, greedy)",
+    "ablation": "Ablations (Figures 6 and 7), per-prompt GRPO advantages",
+    "global": "The `global` advantage estimator (algorithm.md §2.1)",
+}
+
+
+def render_markdown(
+    header: str,
+    rows: list[Row],
+    extra: dict[str, dict[str, Any]],
+    tables: dict[str, list[str]],
+    missing: list[str],
+) -> str:
+    by = {r.method: r for r in rows}
+    md = [f"# {header}\n"]
+    for key, title in TITLES.items():
+        md.append(f"\n## {title}\n\n" + fmt_table([by[m] for m in tables[key] if m in by], extra))
+    if missing:
+        md.append(f"\nNot run: {', '.join(missing)}\n")
+    return "".join(md)
+
+
+def merge(parts: list[Path], out: Path) -> dict[str, Any]:
+    """One set of tables from several runs of this script (variants split over processes)."""
+    loaded = [json.loads((p / "results.json").read_text()) for p in parts]
+    rows: list[Row] = []
+    extra: dict[str, dict[str, Any]] = {}
+    tables: dict[str, list[str]] = {k: [] for k in TITLES}
+    fields = ("method", "accuracy", "large_tokens", "small_tokens", "seconds", "models")
+    for res in loaded:
+        for name, m in res["methods"].items():
+            if name not in {r.method for r in rows}:
+                rows.append(Row(*(m[f] for f in fields)))
+                extra[name] = {k: v for k, v in m.items() if k not in fields and k != "ipt"}
+        for key in TITLES:
+            tables[key] += [n for n in res["tables"][key] if n not in tables[key]]
+    missing = [v.name for v in VARIANTS if v.name not in extra]
+    first = next(res for res in loaded if res.get("T0") is not None)
+    steps = sorted({res["steps_per_variant"] for res in loaded})
+    header = f"Lab tables (seed {first['seed']}, {'/'.join(map(str, steps))} RL steps per trained variant)"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tables.md").write_text(render_markdown(header, rows, extra, tables, missing))
+    plot_pareto([r for r in rows if r.method != "small"], out / "pareto.png")
+    merged = {
+        **{
+            k: first[k]
+            for k in ("seed", "T0", "truncation_budgets", "thinkprune", "constant_lambda", "config")
+        },
+        "parts": [
+            {
+                "dir": str(p),
+                "command": r["command"],
+                "wall_clock_s": r["wall_clock_s"],
+                "steps": r["steps_per_variant"],
+            }
+            for p, r in zip(parts, loaded, strict=True)
+        ],
+        "methods": {r.method: {**r.to_json(), **extra.get(r.method, {})} for r in rows},
+        "tables": tables,
+        "missing": missing,
+    }
+    (out / "results.json").write_text(json.dumps(merged, indent=2, ensure_ascii=False) + "\n")
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", default="docs/results", help="tables, plot, results.json")
@@ -154,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the inference-only rows (to split variants over runs)",
     )
     ap.add_argument("--quick", action="store_true", help="the demo's toy sizes (smoke test)")
+    ap.add_argument(
+        "--merge", nargs="+", default=None, help="merge these runs' outputs into --output, then stop"
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        merge([Path(p) for p in args.merge], Path(args.output))
+        print((Path(args.output) / "tables.md").read_text())
+        return 0
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -223,18 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         tp = thinkprune_objective(t0, cfg.rl.objective.budget, args.steps, rollout_cap)
 
     def write() -> None:
-        by = {r.method: r for r in rows}
-        md = [f"# Lab tables (seed {cfg.seed}, {args.steps} RL steps per trained variant)\n"]
-        titles = {
-            "table1": "Table 1: methods (test problems, greedy)",
-            "ablation": "Ablations (Figures 6 and 7), per-prompt GRPO advantages",
-            "global": "The `global` advantage estimator (algorithm.md §2.1)",
-        }
-        for key, title in titles.items():
-            md.append(f"\n## {title}\n\n" + fmt_table([by[m] for m in tables[key] if m in by], extra))
-        if missing:
-            md.append(f"\nNot run in this invocation: {', '.join(missing)}\n")
-        (out / "tables.md").write_text("".join(md))
+        header = f"Lab tables (seed {cfg.seed}, {args.steps} RL steps per trained variant)"
+        (out / "tables.md").write_text(render_markdown(header, rows, extra, tables, missing))
         if rows:
             plot_pareto([r for r in rows if r.method != "small"], out / "pareto.png")
         results = {

@@ -48,6 +48,11 @@ def test_lab_tables_quick(tmp_path):
     tables = (out / "tables.md").read_text()
     assert "| ThinkPrune | trained |" in tables and "Not run" in tables and "L-GRPO" in tables
     assert (out / "pareto.png").stat().st_size > 0
+    # --merge: one set of tables from several runs' outputs (variants split over processes)
+    assert mod.main(["--merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["methods"].keys() == methods.keys() and merged["missing"] == res["missing"]
+    assert merged["parts"][0]["steps"] == 1
 
 
 def test_thinkprune_limits_scale_like_the_paper():
