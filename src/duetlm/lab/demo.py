@@ -87,7 +87,21 @@ class EvalSettings(Strict):
 
 
 class RLSettings(Strict):
-    """The DUET training run (the trainer's own config sections; see `duetlm.config.TrainConfig`)."""
+    """The DUET training run (the trainer's own config sections; see `duetlm.config.TrainConfig`).
+
+    Why these defaults (each measured on this task; README "Demo"):
+    - `budget` B = 22 with `lambda_max` 0.3: the necessary signal costs 20 M tokens (`<think>`, 18
+      words, `</think>`). With B = 20 and λ_max = 1, λ never left its ceiling (the mean length never
+      got under B), the penalty of a full signal (≈ 1) exceeded what it adds to m's success (≈ 0.6 at
+      T = 1), and M collapsed to an empty signal at step 42. λ_max · L / B must stay below that gain.
+    - `grpo.norm_std: false` (Dr. GRPO centring): with std scaling the length term alone becomes an
+      order-one advantage in groups whose successes tie (cpu-facts.md).
+    - `lr_large` 5e-5 and `kl_coef` 0.05: at 1e-4 without KL, RL corrupted single arithmetic facts of M
+      (e.g. `+1` giving 9) while it stripped the filler (DUET 0.973 vs the original's 1.000); the KL
+      term (k1, in the reward) anchors the tokens M samples to the warm start.
+    - `mu_baseline: per_prompt`: under per-prompt GRPO any per-prompt b cancels (algorithm.md §2.1);
+      per_prompt is the cheapest estimate for the logged marginal utility.
+    """
 
     steps: int = Field(80, ge=1)
     schedule: str = Field("joint", description="joint | alternate | frozen_small")
@@ -104,7 +118,7 @@ class RLSettings(Strict):
     )
     objective: ObjectiveConfig = Field(
         default_factory=lambda: ObjectiveConfig(
-            budget=22, mu_baseline="per_prompt", kl_coef=0.0, lambda_step_size=0.5, lambda_max=0.3
+            budget=22, mu_baseline="per_prompt", kl_coef=0.05, lambda_step_size=0.5, lambda_max=0.3
         )
     )
     grpo: GRPOConfig = Field(default_factory=lambda: GRPOConfig(norm_std=False))
