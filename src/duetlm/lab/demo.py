@@ -471,10 +471,10 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def check_targets(rows: dict[str, Row], duet_budget_rows: tuple[str, str], wall_s: float) -> dict[str, Any]:
+def check_targets(rows: dict[str, Row], truncation_at_budget: str, wall_s: float) -> dict[str, Any]:
     """The issue's targets, each with the numbers it compares (targets as stated, not tuned)."""
     original, small, duet = rows["original"], rows["small"], rows["duet"]
-    trunc = rows[duet_budget_rows[0]]
+    trunc = rows[truncation_at_budget]
     t0 = original.large_tokens
 
     def item(ok: bool, **numbers: float) -> dict[str, Any]:
@@ -542,6 +542,83 @@ def prepare_output(out: Path) -> None:
     out.mkdir(parents=True)
 
 
+def _engines_for(cfg: DemoConfig, ws: WarmStart) -> tuple[Any, Any]:
+    """HF engines over the warm-started M and m (the baselines' models, kept for budget forcing)."""
+    from duetlm.engines.hf import HFEngine
+    from duetlm.models import load_model
+
+    def engine(path: Path) -> Any:
+        model, tok = load_model(str(path), dtype="float32", device="cpu")
+        return HFEngine(model, tok, max_batch_size=cfg.eval.batch_size)
+
+    return engine(ws.large_dir), engine(ws.small_dir)
+
+
+def _cut_small(
+    ev: Path, cfg: DemoConfig, large: Any, small: Any, test: list[Problem], budget: int
+) -> list[Row]:
+    """M's thinking cut at `budget` tokens and handed to m: DUET's pipeline with M capped at `budget`."""
+    rename = {"duet": f"truncation-small:{budget}"}
+    return evaluate(ev / f"cut-small-{budget}", cfg, large, small, test, ["duet"], budget, rename=rename)
+
+
+def run_baselines(cfg: DemoConfig, data: LabData, large0: Any, small0: Any, ev: Path) -> list[Row]:
+    """m alone, the original M, DUET with the warm-started pair, budget forcing at every budget."""
+    budgets = sorted(set(cfg.eval.budgets))
+    methods = ["small", "original", "duet"] + [f"truncation:{b}" for b in budgets]
+    rows = evaluate(
+        ev / "warm", cfg, large0, small0, data.test, methods, rename={"duet": "duet (warm start)"}
+    )
+    for b in budgets:
+        rows += _cut_small(ev, cfg, large0, small0, data.test, b)
+    return rows
+
+
+def train_duet(cfg: DemoConfig, ws: WarmStart, data: LabData, run_dir: Path) -> Any:
+    """DUET with the project's trainer, from the warm start; returns the trainer (its models in memory)."""
+    from duetlm.trainer import DuetTrainer
+
+    trainer = DuetTrainer(train_config(cfg, ws, run_dir), train_problems=data.train, val_problems=data.val)
+    trained = trainer.train()
+    if trained.stopped_by_signal is not None:
+        raise DuetError(
+            f"training stopped by signal {trained.stopped_by_signal} at step {trained.step}; "
+            f"its checkpoint is {trained.checkpoint}"
+        )
+    for policy in trainer.policies.values():
+        policy.model.eval()
+        policy.engine.max_batch_size = cfg.eval.batch_size
+    return trainer
+
+
+def run_after(
+    cfg: DemoConfig, data: LabData, trainer: Any, large0: Any, small0: Any, ev: Path, done: set[str]
+) -> tuple[list[Row], int]:
+    """DUET and m alone with the trained pair; budget forcing of the *original* M at DUET's mean
+    M-token budget (rounded to a whole token), M answering and m answering. Returns (rows, budget)."""
+    large1, small1 = trainer.policies["large"].engine, trainer.policies["small"].engine
+    methods = ["duet", "small"]
+    rename = {"small": "small (trained m)"}
+    rows = evaluate(ev / "trained", cfg, large1, small1, data.test, methods, rename=rename, models="trained")
+    duet = next(r for r in rows if r.method == "duet")
+    b_star = max(1, round(duet.large_tokens))
+    if f"truncation:{b_star}" not in done:
+        method = [f"truncation:{b_star}"]
+        rows += evaluate(ev / f"truncation-{b_star}", cfg, large0, small0, data.test, method)
+    if f"truncation-small:{b_star}" not in done:
+        rows += _cut_small(ev, cfg, large0, small0, data.test, b_star)
+    return rows, b_star
+
+
+METHOD_ORDER = ["duet", "original", "duet (warm start)", "small", "small (trained m)"]
+
+
+def _order(row: Row) -> tuple[int, int, str]:
+    rank = METHOD_ORDER.index(row.method) if row.method in METHOD_ORDER else len(METHOD_ORDER)
+    _, _, arg = row.method.partition(":")
+    return rank, int(arg) if arg.isdigit() else 0, row.method
+
+
 def run_demo(
     cfg: DemoConfig,
     out: Path,
@@ -552,9 +629,6 @@ def run_demo(
     """Run every phase and write the run directory; returns the content of `results.json`."""
     import torch
     from transformers.utils import logging as hf_logging
-
-    from duetlm.engines.hf import HFEngine
-    from duetlm.models import load_model
 
     hf_logging.disable_progress_bar()  # the demo has its own bars
     if console is None:
@@ -572,112 +646,22 @@ def run_demo(
     torch.manual_seed(cfg.seed)
 
     data = timer.run("task", lambda: build_data(cfg))
-    say(
-        f"task: {cfg.task.steps} steps mod {cfg.task.modulus}; e.g. {data.test[0].question!r} -> {data.test[0].answer}"
-    )
+    example = data.test[0]
+    say(f"task: {cfg.task.steps} steps mod {cfg.task.modulus}; e.g. {example.question!r} -> {example.answer}")
     ws = timer.run("warm_start", lambda: warm_start(cfg, data, cache_root, say))
-
-    def engine(path: Path) -> Any:
-        model, tok = load_model(str(path), dtype="float32", device="cpu")
-        return HFEngine(model, tok, max_batch_size=cfg.eval.batch_size)
-
-    large0, small0 = engine(ws.large_dir), engine(ws.small_dir)
-    ev = out / "eval"
-    budgets = sorted(set(cfg.eval.budgets))
+    large0, small0 = _engines_for(cfg, ws)
     say("baselines: m alone, original M, budget forcing, DUET with the warm-started pair")
-    rows: list[Row] = timer.run(
-        "baselines",
-        lambda: evaluate(
-            ev / "warm",
-            cfg,
-            large0,
-            small0,
-            data.test,
-            ["small", "original", "duet"] + [f"truncation:{b}" for b in budgets],
-            rename={"duet": "duet (warm start)"},
-        ),
-    )
-    for b in budgets:
-        rows += timer.run(
-            "baselines",
-            lambda b=b: evaluate(
-                ev / f"cut-small-{b}",
-                cfg,
-                large0,
-                small0,
-                data.test,
-                ["duet"],
-                b,
-                rename={"duet": f"truncation-small:{b}"},
-            ),
-        )
-
+    rows = timer.run("baselines", lambda: run_baselines(cfg, data, large0, small0, out / "eval"))
     say(f"training DUET for {cfg.rl.steps} steps with the project's trainer")
-    from duetlm.trainer import DuetTrainer
-
-    trainer = DuetTrainer(
-        train_config(cfg, ws, out / "train"), train_problems=data.train, val_problems=data.val
+    trainer = timer.run("train", lambda: train_duet(cfg, ws, data, out / "train"))
+    done = {r.method for r in rows}
+    after, b_star = timer.run(
+        "after", lambda: run_after(cfg, data, trainer, large0, small0, out / "eval", done)
     )
-    trained = timer.run("train", trainer.train)
-    if trained.stopped_by_signal is not None:
-        raise DuetError(
-            f"training stopped by signal {trained.stopped_by_signal} at step {trained.step}; "
-            f"its checkpoint is {trained.checkpoint}"
-        )
-    large1, small1 = trainer.policies["large"].engine, trainer.policies["small"].engine
-    large1.max_batch_size = small1.max_batch_size = cfg.eval.batch_size
-    for p in trainer.policies.values():
-        p.model.eval()
-    after = timer.run(
-        "after",
-        lambda: evaluate(
-            ev / "trained",
-            cfg,
-            large1,
-            small1,
-            data.test,
-            ["duet", "small"],
-            rename={"small": "small (trained m)"},
-            models="trained",
-        ),
-    )
-    rows += after
-    duet = next(r for r in after if r.method == "duet")
-    # Naive truncation of the *original* M at DUET's mean M-token budget (rounded to a whole token).
-    b_star = max(1, round(duet.large_tokens))
-    names = (f"truncation:{b_star}", f"truncation-small:{b_star}")
-    if names[0] not in {r.method for r in rows}:
-        rows += timer.run(
-            "after",
-            lambda: evaluate(
-                ev / f"truncation-{b_star}", cfg, large0, small0, data.test, [f"truncation:{b_star}"]
-            ),
-        )
-    if names[1] not in {r.method for r in rows}:
-        rows += timer.run(
-            "after",
-            lambda: evaluate(
-                ev / f"cut-small-{b_star}",
-                cfg,
-                large0,
-                small0,
-                data.test,
-                ["duet"],
-                b_star,
-                rename={"duet": names[1]},
-            ),
-        )
-
+    rows = sorted(rows + after, key=_order)
     wall = time.perf_counter() - start
+
     by_name = {r.method: r for r in rows}
-    order = ["duet", "original", "duet (warm start)", "small", "small (trained m)"]
-    rows.sort(
-        key=lambda r: (
-            order.index(r.method) if r.method in order else len(order),
-            _budget(r.method),
-            r.method,
-        )
-    )
     curves = read_curves(out / "train")
     plot_pareto(rows, out / "pareto.png")
     plot_curves(curves, out / "curves.png")
@@ -688,12 +672,12 @@ def run_demo(
         "methods": {r.method: r.to_json() for r in rows},
         "T0": by_name["original"].large_tokens,
         "duet_budget": b_star,
-        "targets": check_targets(by_name, names, wall),
+        "targets": check_targets(by_name, f"truncation:{b_star}", wall),
         "warm_start": {
-            role: {"cached": ws.cached[role], "dir": str(d), **{k: v for k, v in ws.info[role].items()}}
+            role: {"cached": ws.cached[role], "dir": str(d), **ws.info[role]}
             for role, d in (("large", ws.large_dir), ("small", ws.small_dir))
         },
-        "training": {"steps": trainer.step, "curves": {k: v for k, v in curves.items()}},
+        "training": {"steps": trainer.step, "curves": curves},
         "timings_s": timer.seconds,
         "wall_clock_s": wall,
         "threads": cfg.threads,
@@ -706,8 +690,3 @@ def run_demo(
     met = sum(t["met"] for t in results["targets"].values())
     say(f"targets met: {met}/{len(results['targets'])}; wall-clock {wall:.0f}s; results in {out}")
     return results
-
-
-def _budget(method: str) -> int:
-    _, _, arg = method.partition(":")
-    return int(arg) if arg.isdigit() else 0
