@@ -133,7 +133,9 @@ class DemoConfig(Strict):
     """Everything `duetlm demo` does, with the defaults that meet the issue's targets on a 2-core CPU."""
 
     seed: int = 0
-    threads: int = Field(1, ge=1, description="torch threads (tiny models gain little from more)")
+    threads: int = Field(
+        1, ge=1, description="torch threads (2 is faster on an idle 2-core machine, far slower on a busy one)"
+    )
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataSizes = Field(default_factory=DataSizes)
     large: ModelRecipe = Field(
