@@ -89,3 +89,24 @@ def test_left_padding_matches_unpadded(tiny_engine):
 def test_empty_prompt_is_an_error(tiny_engine):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         tiny_engine.generate_ids([[1, 2], []], SamplingParams(max_new_tokens=2))
+
+
+def test_on_token_reports_every_token_of_every_row_in_order(tiny_engine):
+    prompts = ["What is 1 + 1?", "Name a prime number larger than ten, please."]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=5, stop=["."])
+    seen: dict[int, list[int]] = {}
+    old_cap = tiny_engine.max_batch_size
+    tiny_engine.max_batch_size = 4  # 6 rows in two chunks: row numbers must run on across chunks
+    try:
+        plain = tiny_engine.generate(prompts, sp)
+        out = tiny_engine.generate(
+            prompts, sp, on_token=lambda row, tok: seen.setdefault(row, []).append(tok)
+        )
+    finally:
+        tiny_engine.max_batch_size = old_cap
+    assert sorted(seen) == list(range(6))
+    for p, gens in enumerate(out):
+        for k, g in enumerate(gens):
+            assert seen[p * 3 + k] == g.token_ids
+    # the callback only watches: the same samples as without it
+    assert [[g.token_ids for g in gs] for gs in out] == [[g.token_ids for g in gs] for gs in plain]

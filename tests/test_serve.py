@@ -119,6 +119,39 @@ def test_streaming_matches_the_plain_answer(client):
         plain.choices[0].finish_reason
     ]
     assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    # token by token: M's signal and m's answer each arrive in several deltas, the signal first
+    kinds = [
+        ("r" if getattr(d, "reasoning_content", None) else "c")
+        for d in deltas
+        if d.content or getattr(d, "reasoning_content", None)
+    ]
+    assert kinds.count("r") >= 3 and kinds.count("c") >= 3, kinds
+    assert kinds == sorted(kinds, key=lambda k: k == "c"), kinds
+
+
+def test_stop_strings_cut_the_answer_streamed_or_not(client):
+    full = ask(client).choices[0].message.content
+    # a stop string from the (random) answer: its first two printable ASCII characters after the start
+    at = next(i for i in range(1, len(full) - 1) if full[i : i + 2].isascii() and full[i : i + 2].isalnum())
+    stop = full[at : at + 2]
+    cut = full[: full.find(stop)].strip()
+    plain = ask(client, stop=[stop]).choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in ask(client, stream=True, stop=[stop]) if c.choices
+    )
+    assert plain == streamed == cut
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(duet_url):
+    body = {**user("What is 3 + 4?"), "stream": True, "max_tokens": 200}
+    with httpx.stream("POST", duet_url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        first = next(r.iter_lines())
+        assert first.startswith("data: ")
+    deadline = time.monotonic() + 30
+    while httpx.get(duet_url + "/health").json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(duet_url + "/health").json()["in_flight"] == 0
 
 
 def test_models_and_health(client, duet_url):
@@ -298,6 +331,17 @@ def test_role_large_serves_m_thinking(large_cli_url, local):
     (expected,) = local.think([Q])
     assert r.choices[0].message.reasoning_content == protocol.extract_signal(expected[0].text).text
     assert r.choices[0].message.content == ""
+    streamed = c.chat.completions.create(
+        model="large",
+        messages=protocol.large_messages(Q),
+        temperature=1.0,
+        seed=SEED,
+        max_tokens=SIGNAL_TOKENS,
+        stream=True,
+    )
+    deltas = [ch.choices[0].delta.model_extra.get("reasoning_content") for ch in streamed if ch.choices]
+    assert "".join(d or "" for d in deltas) == r.choices[0].message.reasoning_content
+    assert sum(1 for d in deltas if d) >= 3
     assert r.usage.completion_tokens == expected[0].num_tokens
     assert r.usage.prompt_tokens == len(expected[0].prompt_token_ids)
 

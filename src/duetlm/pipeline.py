@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from duetlm import protocol
-from duetlm.engines.base import Engine, Generation, SamplingParams
+from duetlm.engines.base import Engine, Generation, SamplingParams, TokenCallback, generate_streaming
 from duetlm.errors import DuetError
 from duetlm.protocol import Signal
 
@@ -79,21 +79,26 @@ class DuetPipeline:
             stop_token_ids=tuple(dict.fromkeys(self.large_sampling.stop_token_ids + stop_ids)),
         )
 
-    def think(self, questions: list[str]) -> list[list[Generation]]:
-        """Stage 1: M's rollouts (n per question, as `large_sampling.n` says)."""
+    def think(self, questions: list[str], on_token: TokenCallback | None = None) -> list[list[Generation]]:
+        """Stage 1: M's rollouts (n per question, as `large_sampling.n` says). `on_token` streams
+        M's tokens where its engine can (see `engines.base.generate_streaming`)."""
         prompts = [
             protocol.large_prompt(_tokenizer(self.large), q, self.large_instruction) for q in questions
         ]
-        return self.large.generate(prompts, self.large_params())
+        return generate_streaming(self.large, prompts, self.large_params(), on_token)
 
     def answer(
-        self, questions: list[str], signals: list[str | None], n: int | None = None
+        self,
+        questions: list[str],
+        signals: list[str | None],
+        n: int | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[list[Generation]]:
         """Stage 2: m's answers to (x, z); a `None` signal gives m alone (the unguided baseline)."""
         tok = _tokenizer(self.small)
         prompts = [protocol.small_prompt(tok, q, z) for q, z in zip(questions, signals, strict=True)]
         params = self.small_sampling if n is None else replace(self.small_sampling, n=n)
-        return self.small.generate(prompts, params)
+        return generate_streaming(self.small, prompts, params, on_token)
 
     def run(self, questions: list[str], seed: int | None = None) -> list[DuetResult]:
         """Each question through M -> z -> m, one sample each (greedy unless the sampling says not).

@@ -78,6 +78,33 @@ def extract_signal(text: str) -> Signal:
     return Signal(head.strip(), complete=True)
 
 
+def partial_signal(text: str) -> str:
+    """The part of z that is certain while M is still writing `text` (for streaming the signal).
+
+    Every later `extract_signal(text + more).text` starts with it: trailing whitespace and a trailing
+    fragment of `<think>` / `</think>` are held back, since more text may keep or remove them. One case
+    is beyond a stream: M writing text and only then `<think>` … `</think>` (the final signal drops the
+    text before `<think>`, which was already shown); M opens its block first or the template opens it.
+    """
+    if THINK_CLOSE in text:
+        return extract_signal(text).text
+    body = text.lstrip()
+    if THINK_OPEN.startswith(body):  # possibly the opening tag, not yet complete
+        return ""
+    if body.startswith(THINK_OPEN):
+        body = body[len(THINK_OPEN) :].lstrip()
+    return body[: len(body) - pending_prefix_len(body, THINK_CLOSE)].rstrip()
+
+
+def pending_prefix_len(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag` (text that may yet
+    turn out to be `tag`, so a stream holds it back)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
 def supports_thinking(tokenizer: Any) -> bool:
     """True for Qwen3-style tokenizers: the thinking tags are single tokens and the template knows
     `enable_thinking` (so M opens the thinking block by itself)."""

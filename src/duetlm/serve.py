@@ -23,9 +23,16 @@ engine is serialised and never blocks the event loop; while m answers one batch,
 the next. Admission is bounded: beyond `max_queue` requests in the server, a request gets 503 with
 `Retry-After` at once instead of waiting.
 
-Streaming (SSE) sends the signal as a `reasoning_content` delta as soon as M's batch is done, then m's
-answer when m's batch is done (as one `content` delta: engines return whole generations, so there is no
-token-by-token stream to relay).
+Streaming (SSE) is token by token where the engine streams (`HFEngine`): M's signal as
+`reasoning_content` deltas while M writes it, then m's answer as `content` deltas while m writes it;
+each engine reports its tokens from its worker thread and `streaming.TextDeltas` turns them into text a
+client never has to un-see (whole characters, no trailing whitespace or partial stop string until it is
+certain). The deltas add up to exactly the non-streaming response. An engine that does not stream
+(vLLM's offline engine, a remote M) sends its text in one delta when its batch is done. A request whose
+M fails before its first token gets an HTTP error as without streaming; a failure later in the stream is
+an `error` event. A client that disconnects cancels its request (a batch already running finishes).
+
+`content` is m's answer cut before the first of the request's `stop` strings (OpenAI's rule).
 
 Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for a bad
 request (the message names the field), 404 for an unknown model or route, 413 for an oversized body,
@@ -54,8 +61,9 @@ from starlette.exceptions import HTTPException
 
 from duetlm import protocol
 from duetlm.config import DType, Strict
-from duetlm.engines.base import Engine, Generation, SamplingParams
+from duetlm.engines.base import Engine, Generation, SamplingParams, TokenCallback, generate_streaming
 from duetlm.errors import DuetError
+from duetlm.streaming import TextDeltas, answer_text, answer_view
 
 VALID_ROLES = ("system", "user", "assistant")
 
@@ -281,25 +289,30 @@ class BatchStats:
         return {"calls": self.calls, "requests": self.requests, "mean_batch": round(mean, 3)}
 
 
+# Called with each token id of one request's generation, from the engine's worker thread.
+TokenSink = Callable[[int], None]
+
+
 @dataclass
 class _Item:
     key: Hashable
     payload: Any
     future: asyncio.Future[Any]
+    on_token: TokenSink | None = None
 
 
 @dataclass
 class WindowBatcher:
     """Windowed batching for one engine stage.
 
-    `run(key, payloads) -> results` is called in `executor` with up to `max_batch` payloads that share
-    `key` (their sampling options). A batch opens with the first waiting request and closes after
+    `run(key, payloads, sinks) -> results` is called in `executor` with up to `max_batch` payloads that
+    share `key` (their sampling options) and each one's token sink (None when it does not stream). A batch opens with the first waiting request and closes after
     `window_s` or at `max_batch` requests; up to `max_inflight` batches run at once (1 for a local
     engine: its worker thread serialises them anyway).
     """
 
     name: str
-    run: Callable[[Hashable, list[Any]], list[Any]]
+    run: Callable[[Hashable, list[Any], list[TokenSink | None]], list[Any]]
     executor: ThreadPoolExecutor
     max_batch: int
     window_s: float
@@ -321,9 +334,9 @@ class WindowBatcher:
             if not item.future.done():
                 item.future.set_exception(ApiError(503, "the server is shutting down", kind="server_error"))
 
-    async def submit(self, key: Hashable, payload: Any) -> Any:
+    async def submit(self, key: Hashable, payload: Any, on_token: TokenSink | None = None) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(key, payload, future))
+        self._queue.put_nowait(_Item(key, payload, future, on_token))
         return await future
 
     async def _loop(self) -> None:
@@ -361,7 +374,11 @@ class WindowBatcher:
                 self.stats.requests += len(live)
                 try:
                     results = await loop.run_in_executor(
-                        self.executor, self.run, key, [it.payload for it in live]
+                        self.executor,
+                        self.run,
+                        key,
+                        [it.payload for it in live],
+                        [it.on_token for it in live],
                     )
                 except Exception as err:  # the engine boundary: every waiting request gets the error
                     for it in live:
@@ -397,6 +414,19 @@ class StageKey:
 
     params: SamplingParams
     alone: str | None = None
+
+
+def _rows(sinks: list[TokenSink | None]) -> TokenCallback | None:
+    """The engine's `on_token` for a batch: row i's tokens go to sinks[i] (one sample per request)."""
+    if not any(sinks):
+        return None
+
+    def on_token(row: int, token_id: int) -> None:
+        sink = sinks[row]
+        if sink is not None:
+            sink(token_id)
+
+    return on_token
 
 
 def _stage_key(params: SamplingParams) -> StageKey:
@@ -457,15 +487,23 @@ class DuetService:
             pool.shutdown(wait=False, cancel_futures=True)
 
     # The batch functions run in the engines' worker threads.
-    def _run_think(self, key: StageKey, questions: list[str]) -> list[Generation]:
-        return [gs[0] for gs in replace(self.pipeline, large_sampling=key.params).think(questions)]
+    def _run_think(
+        self, key: StageKey, questions: list[str], sinks: list[TokenSink | None]
+    ) -> list[Generation]:
+        pipe = replace(self.pipeline, large_sampling=key.params)
+        return [gs[0] for gs in pipe.think(questions, on_token=_rows(sinks))]
 
-    def _run_answer(self, key: StageKey, items: list[tuple[str, str]]) -> list[Generation]:
+    def _run_answer(
+        self, key: StageKey, items: list[tuple[str, str]], sinks: list[TokenSink | None]
+    ) -> list[Generation]:
         pipe = replace(self.pipeline, small_sampling=key.params)
-        return [gs[0] for gs in pipe.answer([q for q, _ in items], [z for _, z in items], n=1)]
+        questions, signals = [q for q, _ in items], [z for _, z in items]
+        return [gs[0] for gs in pipe.answer(questions, signals, n=1, on_token=_rows(sinks))]
 
-    def _run_large_chat(self, key: StageKey, prompts: list[str]) -> list[Generation]:
-        return [gs[0] for gs in self.large.generate(prompts, key.params)]
+    def _run_large_chat(
+        self, key: StageKey, prompts: list[str], sinks: list[TokenSink | None]
+    ) -> list[Generation]:
+        return [gs[0] for gs in generate_streaming(self.large, prompts, key.params, _rows(sinks))]
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[Callable[[], None]]:
@@ -516,7 +554,7 @@ class DuetService:
         stop = chat.request.stop
         return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
-    async def think(self, chat: ParsedChat) -> DuetOutcome:
+    async def think(self, chat: ParsedChat, on_token: TokenSink | None = None) -> DuetOutcome:
         """Stage 1: M's signal (role duet), or M's thinking on the conversation (role large)."""
         if self.cfg.role == "duet":
             signal_cap = chat.request.max_signal_tokens or self.cfg.max_signal_tokens
@@ -530,19 +568,22 @@ class DuetService:
             except DuetError as err:
                 raise ApiError(400, str(err), param="messages") from None
         try:
-            g = await self.large_stage.submit(key, payload)
+            g = await self.large_stage.submit(key, payload, on_token)
         except ApiError:
             raise
         except Exception as err:
             raise _upstream_error(err) from err
         return DuetOutcome(g, protocol.extract_signal(g.text))
 
-    async def answer(self, chat: ParsedChat, outcome: DuetOutcome) -> DuetOutcome:
+    async def answer(
+        self, chat: ParsedChat, outcome: DuetOutcome, on_token: TokenSink | None = None
+    ) -> DuetOutcome:
         """Stage 2: m's answer to (x, z)."""
         assert self.small_stage is not None
         key = _stage_key(self._sampling(chat, chat.max_tokens, self._user_stop(chat)))
         try:
-            outcome.small = await self.small_stage.submit(key, (chat.question, outcome.signal.text))
+            payload = (chat.question, outcome.signal.text)
+            outcome.small = await self.small_stage.submit(key, payload, on_token)
         except ApiError:
             raise
         except Exception as err:
@@ -572,10 +613,10 @@ class DuetService:
             "small": small,
         }
 
-    def choice_fields(self, outcome: DuetOutcome) -> tuple[str, str]:
+    def choice_fields(self, chat: ParsedChat, outcome: DuetOutcome) -> tuple[str, str]:
         """(content, finish_reason) of the choice."""
         if outcome.small is not None:
-            return outcome.small.text.strip(), outcome.small.finish_reason
+            return answer_text(outcome.small.text, self._user_stop(chat)), outcome.small.finish_reason
         return "", outcome.large.finish_reason
 
     def extensions(self, outcome: DuetOutcome) -> dict[str, Any]:
@@ -588,8 +629,8 @@ class DuetService:
             }
         return {}
 
-    def completion(self, outcome: DuetOutcome) -> dict[str, Any]:
-        content, finish = self.choice_fields(outcome)
+    def completion(self, chat: ParsedChat, outcome: DuetOutcome) -> dict[str, Any]:
+        content, finish = self.choice_fields(chat, outcome)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -612,10 +653,47 @@ class DuetService:
             "duet": {"signal_complete": outcome.signal.complete, "large_finish": outcome.large.finish_reason},
         }
 
+    def open_stream(self, chat: ParsedChat) -> tuple[asyncio.Queue[tuple[str, Any]], asyncio.Task[None]]:
+        """Start a streamed request: a task runs M then m and puts events on the queue, in order:
+        ("large", token id)*, ("signal", outcome), ("small", token id)*, ("done", outcome), or
+        ("error", ApiError) at any point. Token events come only from engines that stream."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def sink(kind: str) -> TokenSink:
+            # From the engine's worker thread: hand each token to the event loop, in order (the batch's
+            # result is set after its tokens, through the same loop, so "done" cannot overtake them).
+            return lambda token_id: loop.call_soon_threadsafe(events.put_nowait, (kind, token_id))
+
+        async def run() -> None:
+            try:
+                outcome = await self.think(chat, sink("large"))
+                events.put_nowait(("signal", outcome))
+                if self.cfg.role == "duet":
+                    outcome = await self.answer(chat, outcome, sink("small"))
+                events.put_nowait(("done", outcome))
+            except ApiError as err:
+                events.put_nowait(("error", err))
+            except Exception as err:  # a stream must end with an event, whatever broke
+                events.put_nowait(("error", _upstream_error(err)))
+
+        return events, loop.create_task(run())
+
+    def _deltas(
+        self, engine: Engine | None, view: Callable[[str], str], extra: tuple[int, ...] = ()
+    ) -> TextDeltas:
+        hidden = set(getattr(engine, "eos_ids", ())) | set(extra)
+        return TextDeltas(getattr(engine, "tokenizer", None), view, hidden)
+
     async def stream(
-        self, chat: ParsedChat, outcome: DuetOutcome, answer: asyncio.Task[DuetOutcome] | None
+        self,
+        chat: ParsedChat,
+        events: asyncio.Queue[tuple[str, Any]],
+        task: asyncio.Task[None],
+        first: tuple[str, Any],
     ) -> AsyncIterator[str]:
-        """SSE events: role, the signal, then m's answer when its batch is done, then [DONE]."""
+        """SSE events: the role, M's signal as `reasoning_content` deltas, m's answer as `content`
+        deltas, the finish reason, the usage if asked, [DONE]. Cancels the request if the client goes."""
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
@@ -629,17 +707,35 @@ class DuetService:
             }
             return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
+        tok = getattr(self.large, "tokenizer", None)
+        think_stops = protocol.large_stop_token_ids(tok) if tok is not None else ()
+        signal = self._deltas(self.large, protocol.partial_signal, think_stops)
+        answer = self._deltas(self.small, answer_view(self._user_stop(chat)))
         yield event({"role": "assistant", "content": ""})
-        yield event({"reasoning_content": outcome.signal.text})
-        if answer is not None:
-            try:
-                outcome = await answer
-            except ApiError as err:
-                yield f"data: {json.dumps(err.body())}\n\n"
-                return
-        content, finish = self.choice_fields(outcome)
-        if content:
-            yield event({"content": content})
+        kind, value = first
+        try:
+            while True:
+                if kind == "error":
+                    yield f"data: {json.dumps(value.body())}\n\n"
+                    return
+                if kind == "large":
+                    delta = {"reasoning_content": signal.push(value)}
+                elif kind == "signal":
+                    delta = {"reasoning_content": signal.finish(value.signal.text)}
+                elif kind == "small":
+                    delta = {"content": answer.push(value)}
+                else:  # done
+                    outcome: DuetOutcome = value
+                    content, finish = self.choice_fields(chat, outcome)
+                    if text := answer.finish(content):
+                        yield event({"content": text})
+                    break
+                if next(iter(delta.values())):
+                    yield event(delta)
+                kind, value = await events.get()
+        finally:
+            if not task.done():  # the client went away: stop its request
+                task.cancel()
         yield event({}, finish, **self.extensions(outcome))
         if chat.request.stream_options is not None and chat.request.stream_options.include_usage:
             usage_chunk = {
@@ -749,19 +845,27 @@ def create_app(service: DuetService) -> FastAPI:
                 kind="model_not_found",
             )
         with service.admitted() as keep:
-            outcome = await service.think(chat)
             if not chat.request.stream:
+                outcome = await service.think(chat)
                 if cfg.role == "duet":
                     outcome = await service.answer(chat, outcome)
-                return JSONResponse(service.completion(outcome))
-            # Streaming: the signal is ready; m's answer runs as a task that releases the slot when
-            # done, whether or not the client is still listening.
-            answer = None
-            if cfg.role == "duet":
-                answer = asyncio.create_task(service.answer(chat, outcome))
-                answer.add_done_callback(service.answered)
-                keep()
-            return StreamingResponse(service.stream(chat, outcome, answer), media_type="text/event-stream")
+                return JSONResponse(service.completion(chat, outcome))
+            # Streaming: the request runs as a task that releases its slot when done. The response
+            # starts with M's first token (or its whole signal, from an engine that does not stream),
+            # so a failure before that is still an HTTP error status.
+            events, task = service.open_stream(chat)
+            task.add_done_callback(service.answered)
+            keep()
+            try:
+                first = await events.get()
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+            if first[0] == "error":
+                raise first[1]
+            return StreamingResponse(
+                service.stream(chat, events, task, first), media_type="text/event-stream"
+            )
 
     if cfg.role == "large":
 

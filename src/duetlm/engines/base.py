@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
+
+# `on_token(row, token_id)`: called by a streaming engine for each token as it is generated, in order,
+# from the thread that runs the engine. `row` is the sample's index in the call's flat order,
+# `prompt_index * n + k` for the k-th sample of a prompt. Every token of a row is reported before the
+# call returns.
+TokenCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,9 @@ class Generation:
 class Engine(Protocol):
     """A text generator. `prompts` are already-templated strings (see `duetlm.protocol`).
 
-    Returns one list per prompt with `sampling.n` generations each.
+    Returns one list per prompt with `sampling.n` generations each. An engine that can report tokens
+    as it generates them sets `streams_tokens = True` and takes `on_token` (a `TokenCallback`) as a
+    keyword argument of `generate`; `generate_streaming` calls any engine either way.
     """
 
     name: str
@@ -58,3 +67,19 @@ class Engine(Protocol):
     def generate(self, prompts: list[str], sampling: SamplingParams) -> list[list[Generation]]: ...
 
     def count_tokens(self, text: str) -> int: ...
+
+
+def streams_tokens(engine: Any) -> bool:
+    """True when `engine.generate` takes `on_token` and calls it token by token."""
+    return bool(getattr(engine, "streams_tokens", False))
+
+
+def generate_streaming(
+    engine: Engine, prompts: list[str], sampling: SamplingParams, on_token: TokenCallback | None = None
+) -> list[list[Generation]]:
+    """`engine.generate`, with `on_token` called per token where the engine streams; an engine that
+    does not (vLLM's offline engine, a remote server) is called plainly and `on_token` is not called:
+    the caller gets the whole generations when they return."""
+    if on_token is not None and streams_tokens(engine):
+        return engine.generate(prompts, sampling, on_token=on_token)  # type: ignore[call-arg]
+    return engine.generate(prompts, sampling)

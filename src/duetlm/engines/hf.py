@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from duetlm.engines.base import Generation, SamplingParams
+from duetlm.engines.base import Generation, SamplingParams, TokenCallback
 
 
 @dataclass
@@ -63,6 +63,7 @@ class HFEngine:
     """
 
     name = "hf"
+    streams_tokens = True  # generate/generate_ids take on_token
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 64) -> None:
         self.model = model
@@ -90,12 +91,19 @@ class HFEngine:
         return [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[list[Generation]]:
-        return self.generate_ids(self.encode(prompts), sampling)
+    def generate(
+        self, prompts: list[str], sampling: SamplingParams, on_token: TokenCallback | None = None
+    ) -> list[list[Generation]]:
+        return self.generate_ids(self.encode(prompts), sampling, on_token=on_token)
 
     @torch.no_grad()
-    def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[list[Generation]]:
-        """Like `generate`, from token ids (the trainer and the truncation baseline use ids)."""
+    def generate_ids(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, on_token: TokenCallback | None = None
+    ) -> list[list[Generation]]:
+        """Like `generate`, from token ids (the trainer and the truncation baseline use ids).
+
+        `on_token(row, token_id)` is called for each token as it is decoded (see `TokenCallback`).
+        """
         start = time.perf_counter()
         if any(len(p) == 0 for p in prompt_ids):
             bad = next(i for i, p in enumerate(prompt_ids) if len(p) == 0)
@@ -110,8 +118,10 @@ class HFEngine:
         try:
             for lo in range(0, len(flat), self.max_batch_size):
                 chunk = flat[lo : lo + self.max_batch_size]
+                # The chunk's rows are rows lo, lo + 1, ... of the call's flat order.
+                report = None if on_token is None else (lambda r, t, lo=lo: on_token(lo + r, t))
                 for (pi, ids), g in zip(
-                    chunk, self._decode([c[1] for c in chunk], sampling, gen), strict=True
+                    chunk, self._decode([c[1] for c in chunk], sampling, gen, report), strict=True
                 ):
                     g.prompt_index = pi
                     g.prompt_token_ids = list(ids)
@@ -124,7 +134,11 @@ class HFEngine:
         return out
 
     def _decode(
-        self, prompts: list[list[int]], sp: SamplingParams, gen: torch.Generator | None
+        self,
+        prompts: list[list[int]],
+        sp: SamplingParams,
+        gen: torch.Generator | None,
+        on_token: TokenCallback | None = None,
     ) -> list[Generation]:
         device = self.device
         bsz = len(prompts)
@@ -186,6 +200,8 @@ class HFEngine:
             lp_list = lp.tolist() if lp is not None else None
             for k, row in enumerate(alive.tolist()):
                 tokens[row].append(nxt_list[k])
+                if on_token is not None:
+                    on_token(row, nxt_list[k])
                 if lp_list is not None:
                     logps[row].append(lp_list[k])
                 if done_list[k]:
