@@ -1,0 +1,418 @@
+"""`ContinuousBatcher`: continuous (iteration-level) batching over an `HFEngine`'s model.
+
+Windowed batching runs one `HFEngine.generate` to the end: a request that arrives meanwhile waits for
+the whole batch, and the batch's short requests wait for its longest. Continuous batching (Orca's
+"iteration-level scheduling", Yu et al., OSDI 2022) schedules per decode step instead: at every step
+boundary new requests are prefilled and join the running batch, and finished rows leave it at once.
+
+One background thread owns the decode loop. Each step:
+1. admit waiting requests (FIFO, up to `max_batch` rows in all): prefill them together, left-padded
+   with position ids from the attention mask (as `HFEngine` does, so a padded row computes what it
+   would alone), sample their first token, and merge their KV cache into the running batch's cache
+   (left-pad along the sequence axis to a common width, concatenate along the batch axis);
+2. one decode step over every running row;
+3. drop finished rows (`batch_select_indices`), then trim leading columns that are padding in every
+   row, so the cache is as wide as the longest live row and never grows without bound.
+
+Sampling is per row: each request keeps its `SamplingParams` (greedy at temperature 0, top-k/top-p,
+stop strings and stop ids, log-probs of the raw logits) and, when seeded, its own `torch.Generator`,
+so a seeded request draws the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from duetlm.engines.base import FinishReason, Generation, SamplingParams
+from duetlm.engines.hf import HFEngine, _cache_kwarg, _filter_logits
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was closed before this request finished (or the request came after `close()`)."""
+
+
+@dataclass
+class BatcherStats:
+    """Counters: decode steps, prefill calls, admitted requests, generated tokens, rows summed over
+    decode steps, the most rows in one step, and how often leading padding columns were trimmed."""
+
+    steps: int = 0
+    prefills: int = 0
+    requests: int = 0
+    generated_tokens: int = 0
+    row_steps: int = 0
+    peak_batch: int = 0
+    trims: int = 0
+
+    def to_json(self) -> dict[str, float]:
+        mean = self.row_steps / self.steps if self.steps else 0.0
+        return {
+            "steps": self.steps,
+            "prefills": self.prefills,
+            "requests": self.requests,
+            "generated_tokens": self.generated_tokens,
+            "mean_batch": round(mean, 3),
+            "peak_batch": self.peak_batch,
+            "trims": self.trims,
+        }
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    on_token: Callable[[int], None] | None
+    future: Future[Generation]
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+
+@dataclass
+class _Running:
+    """The running batch: one row per request. `mask` covers the cache's columns (B, W); `last` is the
+    token each row feeds next and `pos` its position id (both (B,))."""
+
+    rows: list[_Request]
+    cache: Any
+    mask: torch.Tensor
+    pos: torch.Tensor
+    last: torch.Tensor
+
+
+def _rebuild_cache(parts: list[tuple[Any, int]], config: Any) -> Any:
+    """A new `DynamicCache` whose rows are those of each `(cache, left)` part in order, each part
+    left-padded with `left` zero columns (`left < 0`: its first `-left` columns dropped).
+
+    The one place that touches layer tensors (keys/values are (B, heads, W, head_dim)): transformers has
+    no public op to concatenate caches along the batch axis or to drop leading columns (`crop` cuts the
+    end). It goes through the public surface that is stable from 5.17 to 5.24: iterating a
+    `DynamicCache` yields each layer's keys and values first, and `DynamicCache(ddp_cache_data, config)`
+    builds one from them. Sliding-window layers are refused in `ContinuousBatcher.__init__`.
+    """
+    from transformers import DynamicCache
+
+    def shift(t: torch.Tensor, left: int) -> torch.Tensor:
+        return F.pad(t, (0, 0, left, 0)) if left > 0 else t[:, :, -left:]
+
+    layers = zip(*(list(cache) for cache, _ in parts), strict=True)
+    data = [
+        (
+            torch.cat([shift(layer[0], left) for layer, (_, left) in zip(per, parts, strict=True)]),
+            torch.cat([shift(layer[1], left) for layer, (_, left) in zip(per, parts, strict=True)]),
+        )
+        for per in layers
+    ]
+    return DynamicCache(ddp_cache_data=data, config=config)
+
+
+def _left_pad(t: torch.Tensor, left: int) -> torch.Tensor:
+    """(B, W) -> (B, left + W) with zero columns in front (a negative `left` drops columns instead)."""
+    return F.pad(t, (left, 0)) if left > 0 else t[:, -left:]
+
+
+def _text_ids(ids: list[int], eos_ids: frozenset[int]) -> list[int]:
+    """The ids that make `text`: a final EOS is not text (same rule as `HFEngine._decode`)."""
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
+class ContinuousBatcher:
+    """Continuous batching of single-sample requests over `engine.model` (see the module docstring).
+
+    `submit(prompt_ids, sampling, on_token)` is thread-safe and returns a `concurrent.futures.Future`
+    of one `Generation` (same fields and meaning as `HFEngine.generate_ids`'s, `prompt_index` 0).
+    `on_token(token_id)` is called from the batcher's thread for each generated token, in order,
+    before the future resolves. At most `max_batch` rows decode at once; the rest wait in a FIFO.
+    The batcher owns `engine.model` while it runs: do not call `engine.generate` concurrently.
+    """
+
+    def __init__(self, engine: HFEngine, max_batch: int = 16) -> None:
+        from transformers import DynamicCache
+
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.model = engine.model
+        self.max_batch = max_batch
+        self.stats = BatcherStats()
+        self._config = self.model.config
+        text_config = self._config.get_text_config(decoder=True)
+        self._max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+        self._vocab = int(self.model.get_input_embeddings().num_embeddings)
+        # Merging and trimming caches assume every layer keeps all columns; a sliding-window layer
+        # keeps only its window, so its columns would not line up with the attention mask.
+        if any(DynamicCache(config=self._config).is_sliding):
+            raise ValueError(
+                f"{type(self.model).__name__} has sliding-window attention layers; "
+                "ContinuousBatcher supports full-attention models only"
+            )
+        pad = engine.tokenizer.pad_token_id
+        self._pad = pad if pad is not None else 0
+        self._cache_kw = _cache_kwarg(self.model)
+        self._device = engine.device
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._running: _Running | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Future[Generation]:
+        """Queue one request; its `Generation` arrives through the returned future.
+
+        Raises `ValueError` for a request that cannot run (empty prompt, `n != 1`, a token id outside
+        the vocabulary, prompt + max_new_tokens beyond the model's positions) and `BatcherClosed`
+        after `close()`.
+        """
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt is empty after tokenisation")
+        if sampling.n != 1:
+            raise ValueError(f"ContinuousBatcher takes one sample per request: SamplingParams.n={sampling.n}")
+        bad = [t for t in prompt if not 0 <= t < self._vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self._vocab})")
+        total = len(prompt) + sampling.max_new_tokens
+        if self._max_positions is not None and total > self._max_positions:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens {sampling.max_new_tokens} = {total} "
+                f"exceeds the model's max_position_embeddings ({self._max_positions})"
+            )
+        future: Future[Generation] = Future()
+        req = _Request(prompt, sampling, on_token, future, self.engine.eos_ids | set(sampling.stop_token_ids))
+        if sampling.seed is not None and sampling.temperature > 0:
+            req.generator = torch.Generator(device=self._device).manual_seed(sampling.seed)
+        if sampling.max_new_tokens <= 0:  # nothing to generate: HFEngine returns an empty "length" sample
+            future.set_running_or_notify_cancel()
+            future.set_result(self._generation(req))
+            return future
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed("ContinuousBatcher is closed; no new requests")
+            self._waiting.append(req)
+            self._cond.notify()
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the decode loop at the next step boundary; running and waiting requests fail with
+        `BatcherClosed`. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting or decoding."""
+        with self._cond:
+            return len(self._waiting) + (len(self._running.rows) if self._running else 0)
+
+    def __enter__(self) -> ContinuousBatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while self._serve_once():
+                pass
+        finally:  # closed, or the loop itself broke: nobody may wait for a request that will not run
+            with self._cond:
+                self._closed = True
+                left = list(self._waiting) + (self._running.rows if self._running else [])
+                self._waiting.clear()
+                self._running = None
+            self._fail(left, BatcherClosed("ContinuousBatcher was closed before this request finished"))
+
+    def _serve_once(self) -> bool:
+        """Admit what fits, then one decode step. False once closed."""
+        with self._cond:
+            while not self._closed and not self._waiting and self._running is None:
+                self._cond.wait()
+            if self._closed:
+                return False
+            room = self.max_batch - (len(self._running.rows) if self._running else 0)
+            new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        # A request cancelled while it waited is skipped (a running one can no longer be cancelled).
+        new = [r for r in new if r.future.set_running_or_notify_cancel()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                if new:
+                    self._admit(new)  # if it raises, only `new` fails: the running batch is untouched
+                if self._running is not None:
+                    self._step()
+        finally:
+            self.model.train(was_training)
+        return True
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=pos,
+            **{self._cache_kw: cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+        return out.logits[:, -1, :].float(), cache  # (B, V)
+
+    def _admit(self, new: list[_Request]) -> None:
+        """Prefill `new` together, take their first tokens, and merge the survivors into the batch."""
+        try:
+            width = max(len(r.prompt_ids) for r in new)
+            ids = torch.full((len(new), width), self._pad, dtype=torch.long, device=self._device)
+            mask = torch.zeros((len(new), width), dtype=torch.long, device=self._device)
+            for i, r in enumerate(new):
+                ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, device=self._device)
+                mask[i, width - len(r.prompt_ids) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits, cache = self._forward(ids, mask, pos, None)
+            self.stats.prefills += 1
+            self.stats.requests += len(new)
+            nxt, keep = self._advance(new, logits)
+            if not keep:
+                return
+            idx = torch.tensor(keep, device=self._device)
+            cache.batch_select_indices(idx)
+            joined = _Running([new[k] for k in keep], cache, mask[idx], pos[idx, -1] + 1, nxt[idx])
+            self._running = joined if self._running is None else self._merge(self._running, joined)
+        except Exception as err:  # the new requests fail; the running batch goes on
+            self._fail(new, err)
+
+    def _merge(self, a: _Running, b: _Running) -> _Running:
+        """`a`'s rows then `b`'s, both left-padded to the wider cache."""
+        wa, wb = a.mask.shape[1], b.mask.shape[1]
+        width = max(wa, wb)
+        cache = _rebuild_cache([(a.cache, width - wa), (b.cache, width - wb)], self._config)
+        mask = torch.cat([_left_pad(a.mask, width - wa), _left_pad(b.mask, width - wb)])
+        return _Running(a.rows + b.rows, cache, mask, torch.cat([a.pos, b.pos]), torch.cat([a.last, b.last]))
+
+    def _step(self) -> None:
+        """One decode step over the running batch; finished rows leave, leading padding is trimmed."""
+        run = self._running
+        assert run is not None
+        try:
+            mask = torch.cat([run.mask, torch.ones_like(run.mask[:, :1])], dim=-1)
+            logits, cache = self._forward(run.last[:, None], mask, run.pos[:, None], run.cache)
+            self.stats.steps += 1
+            self.stats.row_steps += len(run.rows)
+            self.stats.peak_batch = max(self.stats.peak_batch, len(run.rows))
+            nxt, keep = self._advance(run.rows, logits)
+            if not keep:
+                self._running = None
+                return
+            if len(keep) < len(run.rows):
+                # Finished rows leave at once (why: a long straggler should not pay for dead rows).
+                idx = torch.tensor(keep, device=self._device)
+                cache.batch_select_indices(idx)
+                mask, pos, nxt = mask[idx], run.pos[idx], nxt[idx]
+                rows = [run.rows[k] for k in keep]
+                # Columns that are padding in every live row: drop them (rows only ever leave, so
+                # only here can such columns appear; a merge pads to the wider of two trimmed caches).
+                lead = int(mask.any(0).int().argmax())
+                if lead:
+                    cache = _rebuild_cache([(cache, -lead)], self._config)
+                    self.stats.trims += 1
+                    mask = mask[:, lead:]
+            else:
+                rows, pos = run.rows, run.pos
+            self._running = _Running(rows, cache, mask, pos + 1, nxt)
+        except Exception as err:  # every row of this batch fails; the loop keeps serving
+            self._running = None
+            self._fail(run.rows, err)
+
+    # -- per-row sampling and bookkeeping ------------------------------------------------------
+
+    def _advance(self, rows: list[_Request], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Pick each row's next token from its (B, V) logits, record it, call `on_token`, and finish
+        the rows that stop. Returns the tokens (B,) and the indices of the rows that go on."""
+        nxt = self._choose(rows, logits)
+        lp_list = None
+        if any(r.sampling.logprobs for r in rows):
+            # The policy's own log-prob: log-softmax of the raw logits, before temperature/top-k/top-p.
+            lp_list = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        keep: list[int] = []
+        for i, (req, tok) in enumerate(zip(rows, nxt.tolist(), strict=True)):
+            req.tokens.append(tok)
+            if lp_list is not None and req.sampling.logprobs:
+                req.logprobs.append(lp_list[i])
+            self.stats.generated_tokens += 1
+            try:
+                if req.on_token is not None:
+                    req.on_token(tok)
+            except Exception as err:  # a broken callback fails its own request only
+                req.future.set_exception(err)
+                continue
+            req.finish = self._finish(req, tok)
+            if req.finish is None:
+                keep.append(i)
+            else:
+                req.future.set_result(self._generation(req))
+        return nxt, keep
+
+    def _choose(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        """Greedy rows take the argmax; each sampled row filters and draws on its own, with its own
+        generator when seeded (so its draws do not depend on the other rows)."""
+        nxt = logits.argmax(-1)
+        for i, req in enumerate(rows):
+            sp = req.sampling
+            if sp.temperature > 0:
+                scaled = _filter_logits(logits[i : i + 1] / sp.temperature, sp.top_k, sp.top_p)
+                probs = torch.softmax(scaled, dim=-1)
+                nxt[i] = torch.multinomial(probs, 1, generator=req.generator)[0, 0]
+        return nxt
+
+    def _finish(self, req: _Request, tok: int) -> FinishReason | None:
+        """`HFEngine`'s stop rules: a stop id, then a stop string in the decoded tail, then the length."""
+        sp = req.sampling
+        if tok in req.stop_ids:
+            return "stop"
+        if sp.stop:
+            longest = max(len(s) for s in sp.stop)
+            tail = self.engine.tokenizer.decode(req.tokens[-(longest + 4) :], skip_special_tokens=False)
+            if any(s in tail for s in sp.stop):
+                return "stop"
+        return "length" if len(req.tokens) >= sp.max_new_tokens else None
+
+    def _generation(self, req: _Request) -> Generation:
+        text = self.engine.tokenizer.decode(
+            _text_ids(req.tokens, self.engine.eos_ids), skip_special_tokens=False
+        )
+        return Generation(
+            prompt_index=0,
+            token_ids=req.tokens,
+            text=text,
+            finish_reason=req.finish or "length",
+            prompt_token_ids=req.prompt_ids,
+            logprobs=req.logprobs if req.sampling.logprobs else None,
+        )
+
+    @staticmethod
+    def _fail(rows: list[_Request], err: BaseException) -> None:
+        for req in rows:
+            if not req.future.done():
+                req.future.set_exception(err)
