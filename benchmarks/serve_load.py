@@ -12,12 +12,14 @@ a hub id). Client and server share this machine's CPUs: on a busy machine the fi
 
     python benchmarks/serve_load.py                      # 200 requests, concurrency 16, tiny models
     python benchmarks/serve_load.py --large smollm2-135m --small smollm2-135m --requests 64
+    python benchmarks/serve_load.py --stream             # SSE: also when the first signal / answer text came
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -88,6 +90,11 @@ class Server:
             self.proc.wait()
 
 
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
 @dataclass
 class LoadResult:
     ok: int
@@ -95,10 +102,11 @@ class LoadResult:
     latencies: list[float]
     wall_s: float
     stages: dict[str, dict[str, float]]
+    first_signal: list[float]  # --stream: seconds to the first reasoning_content delta
+    first_answer: list[float]  # --stream: seconds to the first content delta
 
     def pct(self, q: float) -> float:
-        xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+        return percentile(self.latencies, q)
 
     @property
     def throughput(self) -> float:
@@ -110,10 +118,36 @@ def questions(n: int, seed: int = 0) -> list[str]:
     return [f"What is {rng.randint(1, 999)} + {rng.randint(1, 999)}? Explain briefly." for _ in range(n)]
 
 
-async def load(url: str, qs: list[str], concurrency: int, model: str) -> tuple[int, int, list[float], float]:
+async def streamed(client: httpx.AsyncClient, body: dict, t0: float, firsts: dict[str, list[float]]) -> bool:
+    """One SSE request; records when the first signal and answer deltas came. True if it completed."""
+    first: dict[str, float] = {}
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            return False
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                for key, t in first.items():
+                    firsts[key].append(t)
+                return True
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return False
+            delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+            for key, field in (("signal", "reasoning_content"), ("answer", "content")):
+                if delta.get(field) and key not in first:
+                    first[key] = time.perf_counter() - t0
+    return False
+
+
+async def load(
+    url: str, qs: list[str], concurrency: int, model: str, stream: bool = False, temperature: float = 0.0
+) -> tuple[int, int, list[float], float, dict[str, list[float]]]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    firsts: dict[str, list[float]] = {"signal": [], "answer": []}
     lost = 0
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
 
@@ -121,11 +155,23 @@ async def load(url: str, qs: list[str], concurrency: int, model: str) -> tuple[i
             nonlocal lost
             async with gate:
                 t0 = time.perf_counter()
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": q}],
+                    "temperature": temperature,
+                }
+                if stream:
+                    try:
+                        done = await streamed(client, body, t0, firsts)
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        done = False
+                    if done:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        lost += 1
+                    return
                 try:
-                    r = await client.post(
-                        "/v1/chat/completions",
-                        json={"model": model, "messages": [{"role": "user", "content": q}]},
-                    )
+                    r = await client.post("/v1/chat/completions", json=body)
                     message = r.json()["choices"][0]["message"] if r.status_code == 200 else None
                 except (httpx.HTTPError, ValueError, KeyError):
                     message = None
@@ -137,7 +183,7 @@ async def load(url: str, qs: list[str], concurrency: int, model: str) -> tuple[i
         t0 = time.perf_counter()
         await asyncio.gather(*(one(q) for q in qs))
         wall = time.perf_counter() - t0
-    return len(latencies), lost, latencies, wall
+    return len(latencies), lost, latencies, wall, firsts
 
 
 def run_mode(serve_args: list[str], args: argparse.Namespace) -> LoadResult:
@@ -146,8 +192,10 @@ def run_mode(serve_args: list[str], args: argparse.Namespace) -> LoadResult:
         # Warm-up (first-call allocations), not counted; the stage counters are read as differences.
         asyncio.run(load(server.url, questions(2, seed=99), 2, "duet"))
         before = httpx.get(server.url + "/health").json()["stages"]
-        ok, lost, latencies, wall = asyncio.run(
-            load(server.url, questions(args.requests), args.concurrency, "duet")
+        ok, lost, latencies, wall, firsts = asyncio.run(
+            load(
+                server.url, questions(args.requests), args.concurrency, "duet", args.stream, args.temperature
+            )
         )
         after = httpx.get(server.url + "/health").json()["stages"]
     finally:
@@ -157,7 +205,7 @@ def run_mode(serve_args: list[str], args: argparse.Namespace) -> LoadResult:
         calls = after[name]["calls"] - before[name]["calls"]
         reqs = after[name]["requests"] - before[name]["requests"]
         stages[name] = {"calls": calls, "mean_batch": reqs / calls if calls else 0.0}
-    return LoadResult(ok, lost, latencies, wall, stages)
+    return LoadResult(ok, lost, latencies, wall, stages, firsts["signal"], firsts["answer"])
 
 
 def main() -> None:
@@ -171,6 +219,12 @@ def main() -> None:
     parser.add_argument("--signal-tokens", type=int, default=32, help="M's thinking cap")
     parser.add_argument("--answer-tokens", type=int, default=32, help="m's answer cap")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy, both modes do the same work"
+    )
+    parser.add_argument(
+        "--stream", action="store_true", help="SSE requests; also time the first signal and answer deltas"
+    )
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -187,7 +241,8 @@ def main() -> None:
     }
     print(
         f"duetlm serve load: {args.requests} requests, concurrency {args.concurrency}, M={large}, m={small}, "
-        f"signal<={args.signal_tokens}, answer<={args.answer_tokens} tokens, greedy, {args.threads} torch threads"
+        f"signal<={args.signal_tokens}, answer<={args.answer_tokens} tokens, temperature {args.temperature:g}, {args.threads} torch threads"
+        + (", streamed (SSE)" if args.stream else "")
     )
     results = {}
     for name, serve_args in modes.items():
@@ -201,6 +256,14 @@ def main() -> None:
         ("lost", lambda r: f"{r.lost}"),
         ("p50 latency (s)", lambda r: f"{r.pct(0.5):.3f}"),
         ("p99 latency (s)", lambda r: f"{r.pct(0.99):.3f}"),
+        *(
+            [
+                ("p50 first signal delta (s)", lambda r: f"{percentile(r.first_signal, 0.5):.3f}"),
+                ("p50 first answer delta (s)", lambda r: f"{percentile(r.first_answer, 0.5):.3f}"),
+            ]
+            if args.stream
+            else []
+        ),
         ("mean latency (s)", lambda r: f"{statistics.fmean(r.latencies):.3f}" if r.latencies else "nan"),
         ("throughput (req/s)", lambda r: f"{r.throughput:.2f}"),
         ("wall (s)", lambda r: f"{r.wall_s:.1f}"),
