@@ -436,3 +436,24 @@ def test_serve_cli_rejects_bad_options(args, needle):
     result = CliRunner().invoke(cli_app, ["serve", *args])
     assert result.exit_code == 1
     assert needle in result.output
+
+
+def test_an_api_key_guards_every_route_but_health(engines):
+    cfg = ServeConfig(large="M", small="m", api_key="s3cret", max_signal_tokens=4, max_answer_tokens=4)
+    server = start(cfg, *engines)
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            c.chat.completions.create(model="duet", messages=[{"role": "user", "content": Q}])
+        assert err.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            c.models.list()
+        anonymous = httpx.post(server.url + "/v1/chat/completions", json=user(Q))
+        assert (
+            anonymous.status_code == 401 and "Authorization: Bearer" in anonymous.json()["error"]["message"]
+        )
+        assert httpx.get(server.url + "/health").status_code == 200
+        ok = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.chat.completions.create(model="duet", messages=[{"role": "user", "content": Q}]).choices
+    finally:
+        server.__exit__()

@@ -91,7 +91,8 @@ def train(
         list[str] | None, typer.Option("--set", help="override a config key: --set rollout.n=8 (repeatable)")
     ] = None,
     resume: Annotated[
-        str | None, typer.Option(help="'auto' (newest complete checkpoint of the run dir) or a checkpoint dir")
+        str | None,
+        typer.Option(help="'auto' (newest complete checkpoint of the run dir) or a checkpoint dir"),
     ] = None,
     run_dir: Annotated[str | None, typer.Option(help="run directory (overrides run.dir)")] = None,
 ) -> None:
@@ -217,6 +218,10 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(help="model name for clients")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="DUETLM_SERVE_API_KEY", help="require 'Authorization: Bearer KEY' (not /health)"),
+    ] = None,
 ) -> None:
     """Serve M -> z -> m (or M alone) as an OpenAI-compatible API: /v1/chat/completions, /v1/models, /health."""
     from duetlm.config import build_config
@@ -237,6 +242,7 @@ def serve(
         served_model_name=served_model_name,
         device=device,
         dtype=dtype,
+        api_key=api_key,
     )
     run_server(build_config(ServeConfig, options, origin="duetlm serve options"))
 
@@ -374,5 +380,7 @@ def demo(
 
 def main() -> None:  # pragma: no cover - console entry point alternative
     app()
+
+
 if __name__ == "__main__":
     app()

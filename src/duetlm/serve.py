@@ -34,8 +34,9 @@ an `error` event. A client that disconnects cancels its request (a batch already
 
 `content` is m's answer cut before the first of the request's `stop` strings (OpenAI's rule).
 
-Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for a bad
-request (the message names the field), 404 for an unknown model or route, 413 for an oversized body,
+Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`): 401 for a missing or
+wrong API key (with `api_key` set; `/health` stays open for load balancers), 400 for a bad request (the
+message names the field), 404 for an unknown model or route, 413 for an oversized body,
 503 when full, 502 when the remote large model fails (the message names its URL).
 """
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import socket
 import threading
@@ -93,6 +95,9 @@ class ServeConfig(Strict):
     remote_max_retries: int = Field(4, ge=0, description="retries towards --large-url")
     remote_backoff_s: float = Field(0.5, ge=0, description="first backoff delay towards --large-url")
     remote_concurrency: int = Field(16, ge=1, description="requests in flight towards --large-url")
+    api_key: str | None = Field(
+        None, description="clients must send 'Authorization: Bearer <key>' (all routes but /health)"
+    )
 
     @model_validator(mode="after")
     def _check_models(self) -> ServeConfig:
@@ -799,6 +804,21 @@ def create_app(service: DuetService) -> FastAPI:
 
     app = FastAPI(title="duetlm", lifespan=lifespan)
     cfg = service.cfg
+
+    if cfg.api_key:
+        expected = f"Bearer {cfg.api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorise(request: Request, call_next: Callable[[Request], Any]) -> Any:
+            if request.url.path != "/health":
+                sent = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(sent, expected):  # constant time: no key guessing by timing
+                    why = "wrong API key" if sent else "no API key: send 'Authorization: Bearer <key>'"
+                    err = ApiError(401, why, kind="invalid_request_error")
+                    body = err.body()
+                    body["error"]["code"] = "invalid_api_key"
+                    return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
