@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from duetlm.engines.base import FinishReason, Generation, SamplingParams
 from duetlm.engines.hf import HFEngine, _cache_kwarg, _filter_logits
@@ -90,35 +89,33 @@ class _Running:
     last: torch.Tensor
 
 
-def _rebuild_cache(parts: list[tuple[Any, int]], config: Any) -> Any:
-    """A new `DynamicCache` whose rows are those of each `(cache, left)` part in order, each part
-    left-padded with `left` zero columns (`left < 0`: its first `-left` columns dropped).
+def _stack_right_aligned(parts: list[torch.Tensor], width: int, dim: int) -> torch.Tensor:
+    """Concatenate `parts` along the batch axis (0), each placed at the right end of `width` columns
+    along `dim` and zero in front: one copy, and zeros (not garbage) in the padding, since a masked
+    key still enters attention as 0 x value and garbage may hold NaN."""
+    shape = list(parts[0].shape)
+    shape[0], shape[dim] = sum(t.shape[0] for t in parts), width
+    out = parts[0].new_zeros(shape)
+    row = 0
+    for t in parts:
+        out[row : row + t.shape[0]].narrow(dim, width - t.shape[dim], t.shape[dim]).copy_(t)
+        row += t.shape[0]
+    return out
 
-    The one place that touches layer tensors (keys/values are (B, heads, W, head_dim)): transformers has
-    no public op to concatenate caches along the batch axis or to drop leading columns (`crop` cuts the
-    end). It goes through the public surface that is stable from 5.17 to 5.24: iterating a
-    `DynamicCache` yields each layer's keys and values first, and `DynamicCache(ddp_cache_data, config)`
-    builds one from them. Sliding-window layers are refused in `ContinuousBatcher.__init__`.
+
+def _set_layer_kv(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Replace each layer's keys and values ((B, heads, W, head_dim)) in `cache`.
+
+    The one place that writes layer tensors: transformers has no public op to concatenate caches along
+    the batch axis or to drop leading columns (`crop` cuts the end). Reading goes through the public
+    iteration of a `DynamicCache` (keys, values first); writing sets `DynamicLayer.keys` / `.values`,
+    the attributes that the layer's own `update` concatenates onto (the same in transformers 5.17, 5.19
+    and 5.24). Rebuilding with `DynamicCache(ddp_cache_data=...)` also works but copies every tensor
+    twice more, which cost a quarter of the decode time on CPU. Sliding-window layers, which keep only
+    their window, are refused in `ContinuousBatcher.__init__`.
     """
-    from transformers import DynamicCache
-
-    def shift(t: torch.Tensor, left: int) -> torch.Tensor:
-        return F.pad(t, (0, 0, left, 0)) if left > 0 else t[:, :, -left:]
-
-    layers = zip(*(list(cache) for cache, _ in parts), strict=True)
-    data = [
-        (
-            torch.cat([shift(layer[0], left) for layer, (_, left) in zip(per, parts, strict=True)]),
-            torch.cat([shift(layer[1], left) for layer, (_, left) in zip(per, parts, strict=True)]),
-        )
-        for per in layers
-    ]
-    return DynamicCache(ddp_cache_data=data, config=config)
-
-
-def _left_pad(t: torch.Tensor, left: int) -> torch.Tensor:
-    """(B, W) -> (B, left + W) with zero columns in front (a negative `left` drops columns instead)."""
-    return F.pad(t, (left, 0)) if left > 0 else t[:, -left:]
+    for layer, (keys, values) in zip(cache.layers, kv, strict=True):
+        layer.keys, layer.values = keys, values
 
 
 def _text_ids(ids: list[int], eos_ids: frozenset[int]) -> list[int]:
@@ -304,12 +301,17 @@ class ContinuousBatcher:
             self._fail(new, err)
 
     def _merge(self, a: _Running, b: _Running) -> _Running:
-        """`a`'s rows then `b`'s, both left-padded to the wider cache."""
-        wa, wb = a.mask.shape[1], b.mask.shape[1]
-        width = max(wa, wb)
-        cache = _rebuild_cache([(a.cache, width - wa), (b.cache, width - wb)], self._config)
-        mask = torch.cat([_left_pad(a.mask, width - wa), _left_pad(b.mask, width - wb)])
-        return _Running(a.rows + b.rows, cache, mask, torch.cat([a.pos, b.pos]), torch.cat([a.last, b.last]))
+        """`a`'s rows then `b`'s, both left-padded to the wider cache (into `a.cache`)."""
+        width = max(a.mask.shape[1], b.mask.shape[1])
+        kv = [
+            (_stack_right_aligned([ka, kb], width, 2), _stack_right_aligned([va, vb], width, 2))
+            for (ka, va, *_), (kb, vb, *_) in zip(a.cache, b.cache, strict=True)
+        ]
+        _set_layer_kv(a.cache, kv)
+        mask = _stack_right_aligned([a.mask, b.mask], width, 1)
+        return _Running(
+            a.rows + b.rows, a.cache, mask, torch.cat([a.pos, b.pos]), torch.cat([a.last, b.last])
+        )
 
     def _step(self) -> None:
         """One decode step over the running batch; finished rows leave, leading padding is trimmed."""
@@ -334,8 +336,8 @@ class ContinuousBatcher:
                 # Columns that are padding in every live row: drop them (rows only ever leave, so
                 # only here can such columns appear; a merge pads to the wider of two trimmed caches).
                 lead = int(mask.any(0).int().argmax())
-                if lead:
-                    cache = _rebuild_cache([(cache, -lead)], self._config)
+                if lead:  # a view: the next step's update copies the cache anyway
+                    _set_layer_kv(cache, [(k[:, :, lead:], v[:, :, lead:]) for k, v, *_ in cache])
                     self.stats.trims += 1
                     mask = mask[:, lead:]
             else:
