@@ -321,3 +321,43 @@ def test_greedy_matches_hf_on_smollm2(smol_engines):
         assert v[0].token_ids == h[0].token_ids
         assert (v[0].text, v[0].finish_reason) == (h[0].text, h[0].finish_reason)
         assert _max_diff(v[0].logprobs, h[0].logprobs) < SMOL_LOGPROB_TOL
+
+
+@pytest.mark.vllm
+def test_on_token_streams_the_same_samples(tiny_vllm, tiny_hf):
+    prompts = _prompts(tiny_hf.tokenizer)[:3]
+    for sp in (
+        SamplingParams(temperature=0.0, max_new_tokens=16, stop=("19",)),
+        SamplingParams(temperature=1.0, max_new_tokens=12, n=3, seed=7, logprobs=True),
+    ):
+        plain = tiny_vllm.generate(prompts, sp)
+        seen: dict[int, list[int]] = {}
+        streamed = tiny_vllm.generate(
+            prompts, sp, on_token=lambda r, t, seen=seen: seen.setdefault(r, []).append(t)
+        )
+        assert [[(g.token_ids, g.text, g.finish_reason) for g in gs] for gs in streamed] == [
+            [(g.token_ids, g.text, g.finish_reason) for g in gs] for gs in plain
+        ]
+        assert seen == {i * sp.n + k: g.token_ids for i, gs in enumerate(streamed) for k, g in enumerate(gs)}
+    assert tiny_vllm.generate(prompts[:1], SamplingParams(max_new_tokens=4))  # the engine is left clean
+
+
+@pytest.mark.vllm
+def test_serve_streams_token_by_token_on_vllm(tiny_vllm):
+    import openai
+
+    from duetlm.serve import DuetService, ServeConfig, ServerThread, create_app
+
+    cfg = ServeConfig(large="M", small="M", max_signal_tokens=16, max_answer_tokens=16, engine="vllm")
+    with ServerThread(create_app(DuetService(cfg, tiny_vllm, tiny_vllm))) as server:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": QUESTIONS[0]}]
+        plain = c.chat.completions.create(model="duet", messages=msgs, temperature=1.0, seed=3)
+        chunks = list(
+            c.chat.completions.create(model="duet", messages=msgs, temperature=1.0, seed=3, stream=True)
+        )
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    reasoning = [d.model_extra.get("reasoning_content") or "" for d in deltas]
+    assert "".join(reasoning) == plain.choices[0].message.reasoning_content
+    assert "".join(d.content or "" for d in deltas) == plain.choices[0].message.content
+    assert sum(1 for r in reasoning if r) >= 3

@@ -222,6 +222,7 @@ def serve(
         str | None,
         typer.Option(envvar="DUETLM_SERVE_API_KEY", help="require 'Authorization: Bearer KEY' (not /health)"),
     ] = None,
+    engine: Annotated[str, typer.Option(help="engine of the local models: hf, vllm")] = "hf",
 ) -> None:
     """Serve M -> z -> m (or M alone) as an OpenAI-compatible API: /v1/chat/completions, /v1/models, /health."""
     from duetlm.config import build_config
@@ -243,6 +244,7 @@ def serve(
         device=device,
         dtype=dtype,
         api_key=api_key,
+        engine=engine,
     )
     run_server(build_config(ServeConfig, options, origin="duetlm serve options"))
 

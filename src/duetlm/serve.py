@@ -79,6 +79,7 @@ class ServeConfig(Strict):
     small: str | None = Field(None, description="m (role duet): hub id, local dir, .gguf or short name")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    engine: Literal["hf", "vllm"] = Field("hf", description="engine of the local models (vllm: its own venv)")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     dtype: DType = "auto"
     served_model_name: str | None = Field(None, description="the model name clients use (default: the role)")
@@ -907,7 +908,7 @@ def build_service(cfg: ServeConfig) -> DuetService:
     from duetlm.engines import build_engine
 
     def local(spec: str) -> Engine:
-        return build_engine(ModelConfig(path=spec, dtype=cfg.dtype, device=cfg.device, engine="hf"))
+        return build_engine(ModelConfig(path=spec, dtype=cfg.dtype, device=cfg.device, engine=cfg.engine))
 
     if cfg.large_url is not None:
         from duetlm.engines.remote import RemoteEngine

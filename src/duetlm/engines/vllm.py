@@ -36,9 +36,10 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from duetlm.engines.base import Generation, SamplingParams
+from duetlm.engines.base import Generation, SamplingParams, TokenCallback
 from duetlm.engines.hf import EngineStats
 from duetlm.errors import DuetError
 from duetlm.models import load_tokenizer, resolve_dtype, resolve_model_path
@@ -146,6 +147,7 @@ class VLLMEngine:
     """
 
     name = "vllm"
+    streams_tokens = True  # generate/generate_ids take on_token (then run vLLM's engine step by step)
 
     def __init__(
         self,
@@ -213,8 +215,10 @@ class VLLMEngine:
         # Prompts come from the chat template, which already holds every special token needed.
         return [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
-    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[list[Generation]]:
-        return self.generate_ids(self.encode(prompts), sampling)
+    def generate(
+        self, prompts: list[str], sampling: SamplingParams, on_token: TokenCallback | None = None
+    ) -> list[list[Generation]]:
+        return self.generate_ids(self.encode(prompts), sampling, on_token=on_token)
 
     def vllm_params(self, sampling: SamplingParams, prompt_index: int) -> Any:
         """The `vllm.SamplingParams` for one prompt of a call."""
@@ -237,8 +241,15 @@ class VLLMEngine:
             detokenize=bool(sp.stop),
         )
 
-    def generate_ids(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> list[list[Generation]]:
-        """Like `generate`, from token ids (the trainer and the truncation baseline use ids)."""
+    def generate_ids(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, on_token: TokenCallback | None = None
+    ) -> list[list[Generation]]:
+        """Like `generate`, from token ids (the trainer and the truncation baseline use ids).
+
+        With `on_token`, the requests go through vLLM's engine step by step (`LLMEngine.add_request`
+        and `step`, cumulative outputs) and each new token is reported as it comes: the same requests,
+        parameters and seeds as `LLM.generate`, so the same samples.
+        """
         start = time.perf_counter()
         if any(len(p) == 0 for p in prompt_ids):
             bad = next(i for i, p in enumerate(prompt_ids) if len(p) == 0)
@@ -247,7 +258,10 @@ class VLLMEngine:
             return []
         requests = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         params = [self.vllm_params(sampling, i) for i in range(len(prompt_ids))]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if on_token is None:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        else:
+            outputs = self._stepwise(requests, params, sampling.n, on_token)
         out: list[list[Generation]] = []
         for i, (ids, request) in enumerate(zip(prompt_ids, outputs, strict=True)):
             gens = []
@@ -258,6 +272,46 @@ class VLLMEngine:
         self.stats.generated_tokens += sum(g.num_tokens for gs in out for g in gs)
         self.stats.seconds += time.perf_counter() - start
         return out
+
+    def _stepwise(
+        self, requests: list[dict[str, Any]], params: list[Any], n: int, on_token: TokenCallback
+    ) -> list[Any]:
+        """Run the requests on vLLM's engine one step at a time, reporting new tokens; the finished
+        `RequestOutput`s in prompt order. The engine must have no other requests (one caller at a time:
+        the server's one worker thread per engine)."""
+        engine = self.llm.llm_engine
+        cumulative = self._vllm.sampling_params.RequestOutputKind.CUMULATIVE
+        index: dict[str, int] = {}
+        for i, (request, sp) in enumerate(zip(requests, params, strict=True)):
+            sp.output_kind = cumulative
+            # Outputs and aborts name a request by the id given here (add_request returns vLLM's
+            # internal id, which differs).
+            rid = f"duetlm-{time.monotonic_ns()}-{i}"
+            engine.add_request(rid, request, sp)
+            index[rid] = i
+        latest: dict[int, dict[int, Any]] = {i: {} for i in range(len(requests))}  # prompt -> sample -> c
+        reported: dict[int, int] = {}
+        done: set[int] = set()
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    i = index[output.request_id]
+                    for c in output.outputs:  # with n > 1 vLLM may send one sample per output
+                        # vLLM updates its output objects in place: keep counts, not the objects.
+                        row = i * n + c.index
+                        for token in list(c.token_ids)[reported.get(row, 0) :]:
+                            on_token(row, token)
+                        reported[row] = len(c.token_ids)
+                        latest[i][c.index] = c
+                    if output.finished:
+                        done.add(i)
+        except BaseException:
+            engine.abort_request(list(index))  # nothing of this call may linger in the engine
+            raise
+        short = [i for i in range(len(requests)) if i not in done or len(latest[i]) != n]
+        if short:
+            raise RuntimeError(f"vLLM finished without all {n} samples of prompts {short}")
+        return [SimpleNamespace(outputs=list(latest[i].values())) for i in range(len(requests))]
 
     def _generation(self, prompt_index: int, prompt_ids: list[int], c: Any, logprobs: bool) -> Generation:
         ids = list(c.token_ids)
