@@ -129,6 +129,29 @@ def test_streaming_matches_the_plain_answer(client):
     assert kinds == sorted(kinds, key=lambda k: k == "c"), kinds
 
 
+def test_n_choices_streamed_or_not(client):
+    one = ask(client)
+    many = ask(client, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].message.content == one.choices[0].message.content  # choice i: seed + i
+    assert many.choices[0].message.reasoning_content == one.choices[0].message.reasoning_content
+    signals = {c.message.reasoning_content for c in many.choices}
+    assert len(signals) == 3  # sampled with different seeds
+    u = many.usage
+    assert u.large["prompt_tokens"] == one.usage.large["prompt_tokens"]  # M's prompt counted once
+    assert u.completion_tokens == u.large["completion_tokens"] + u.small["completion_tokens"]
+    assert u.completion_tokens_details.reasoning_tokens == u.large["completion_tokens"]
+    chunks = list(ask(client, n=3, stream=True, stream_options={"include_usage": True}))
+    for c in many.choices:
+        mine = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == c.index]
+        assert "".join(x.delta.content or "" for x in mine) == c.message.content
+        assert "".join(x.delta.model_extra.get("reasoning_content") or "" for x in mine) == (
+            c.message.reasoning_content
+        )
+        assert [x.finish_reason for x in mine if x.finish_reason] == [c.finish_reason]
+    assert chunks[-1].usage.model_dump() == many.usage.model_dump()
+
+
 def test_stop_strings_cut_the_answer_streamed_or_not(client):
     full = ask(client).choices[0].message.content
     # a stop string from the (random) answer: its first two printable ASCII characters after the start
@@ -247,7 +270,7 @@ def user(content="hi"):
         ({**user(), "max_tokens": 0}, 400, "max_tokens must be between 1 and 512"),
         ({**user(), "max_signal_tokens": 100000}, 400, "max_signal_tokens must be between 1 and 512"),
         ({**user(), "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
-        ({**user(), "n": 3}, 400, "n must be 1"),
+        ({**user(), "n": 99}, 400, "n must be between 1 and 8"),
         ({**user(), "model": "gpt-9"}, 404, "model 'gpt-9' is not served here; this server serves 'duet'"),
         ([1, 2], 400, "the body must be a JSON object"),
     ],

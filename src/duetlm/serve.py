@@ -90,6 +90,7 @@ class ServeConfig(Strict):
     max_signal_tokens: int = Field(256, ge=1, description="default cap on M's thinking tokens")
     max_answer_tokens: int = Field(256, ge=1, description="default cap on m's answer tokens")
     max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(8, ge=1, description="largest n (samples per request) a request may ask for")
     temperature: float = Field(0.0, ge=0.0, description="default temperature (0 = greedy)")
     max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
     remote_timeout_s: float = Field(120.0, gt=0, description="per-request timeout towards --large-url")
@@ -268,8 +269,8 @@ def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
         )
     if not messages[-1]["content"].strip():
         raise ApiError(400, f"messages[{len(messages) - 1}].content is empty", param="messages")
-    if req.n != 1:
-        raise ApiError(400, f"n must be 1 (got {req.n}); send separate requests for more samples", param="n")
+    if not 1 <= req.n <= cfg.max_n:
+        raise ApiError(400, f"n must be between 1 and {cfg.max_n} (got {req.n})", param="n")
     if req.logprobs:
         raise ApiError(400, "logprobs are not supported by duetlm serve", param="logprobs")
     default = cfg.max_answer_tokens if cfg.role == "duet" else cfg.max_signal_tokens
@@ -440,6 +441,10 @@ def _stage_key(params: SamplingParams) -> StageKey:
     return StageKey(params, alone)
 
 
+def _duet_fields(outcome: DuetOutcome) -> dict[str, Any]:
+    return {"signal_complete": outcome.signal.complete, "large_finish": outcome.large.finish_reason}
+
+
 @dataclass
 class DuetOutcome:
     """One request's pass: M's generation and signal, and m's generation (None for role large)."""
@@ -545,29 +550,34 @@ class DuetService:
         if not task.cancelled():
             task.exception()
 
-    def _sampling(self, chat: ParsedChat, max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
+    def _sampling(
+        self, chat: ParsedChat, max_tokens: int, stop: tuple[str, ...] = (), index: int = 0
+    ) -> SamplingParams:
+        """The sampling options of choice `index` (with n > 1 and a seed, choice i samples with seed + i,
+        so choice 0 is what the same request with n = 1 gets)."""
         req = chat.request
+        seed = None if req.seed is None else req.seed + index
         return SamplingParams(
             temperature=self.cfg.temperature if req.temperature is None else req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,
             max_new_tokens=max_tokens,
             stop=stop,
-            seed=req.seed,
+            seed=seed,
         )
 
     def _user_stop(self, chat: ParsedChat) -> tuple[str, ...]:
         stop = chat.request.stop
         return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
-    async def think(self, chat: ParsedChat, on_token: TokenSink | None = None) -> DuetOutcome:
+    async def think(self, chat: ParsedChat, on_token: TokenSink | None = None, index: int = 0) -> DuetOutcome:
         """Stage 1: M's signal (role duet), or M's thinking on the conversation (role large)."""
         if self.cfg.role == "duet":
             signal_cap = chat.request.max_signal_tokens or self.cfg.max_signal_tokens
-            key = _stage_key(self._sampling(chat, signal_cap))
+            key = _stage_key(self._sampling(chat, signal_cap, index=index))
             payload: Any = chat.question
         else:
-            base = self._sampling(chat, chat.max_tokens, self._user_stop(chat))
+            base = self._sampling(chat, chat.max_tokens, self._user_stop(chat), index)
             key = _stage_key(replace(self.pipeline, large_sampling=base).large_params())
             try:
                 payload = protocol.large_chat_prompt(getattr(self.large, "tokenizer", None), chat.messages)
@@ -582,11 +592,11 @@ class DuetService:
         return DuetOutcome(g, protocol.extract_signal(g.text))
 
     async def answer(
-        self, chat: ParsedChat, outcome: DuetOutcome, on_token: TokenSink | None = None
+        self, chat: ParsedChat, outcome: DuetOutcome, on_token: TokenSink | None = None, index: int = 0
     ) -> DuetOutcome:
         """Stage 2: m's answer to (x, z)."""
         assert self.small_stage is not None
-        key = _stage_key(self._sampling(chat, chat.max_tokens, self._user_stop(chat)))
+        key = _stage_key(self._sampling(chat, chat.max_tokens, self._user_stop(chat), index))
         try:
             payload = (chat.question, outcome.signal.text)
             outcome.small = await self.small_stage.submit(key, payload, on_token)
@@ -596,18 +606,38 @@ class DuetService:
             raise _upstream_error(err) from err
         return outcome
 
+    async def run(self, chat: ParsedChat, index: int = 0) -> DuetOutcome:
+        """Choice `index` of a request: M's pass, then m's (role duet)."""
+        outcome = await self.think(chat, index=index)
+        if self.cfg.role == "duet":
+            outcome = await self.answer(chat, outcome, index=index)
+        return outcome
+
+    async def run_all(self, chat: ParsedChat) -> list[DuetOutcome]:
+        """The request's n choices, concurrently (they batch with each other); the first failure
+        cancels the rest."""
+        if chat.request.n == 1:
+            return [await self.run(chat)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.run(chat, i)) for i in range(chat.request.n)]
+        except* ApiError as errors:
+            raise errors.exceptions[0] from None
+        return [t.result() for t in tasks]
+
     # -- responses ----------------------------------------------------------------------------------
 
-    def usage(self, outcome: DuetOutcome) -> dict[str, Any]:
+    def usage(self, outcomes: list[DuetOutcome]) -> dict[str, Any]:
+        """Tokens of all choices: M's prompt once (every choice shares it), m's prompts (each holds its
+        own signal) and both models' completions summed."""
         large = {
-            "prompt_tokens": _prompt_tokens(outcome.large),
-            "completion_tokens": outcome.large.num_tokens,
+            "prompt_tokens": _prompt_tokens(outcomes[0].large),
+            "completion_tokens": sum(o.large.num_tokens for o in outcomes),
         }
-        small = (
-            {"prompt_tokens": _prompt_tokens(outcome.small), "completion_tokens": outcome.small.num_tokens}
-            if outcome.small is not None
-            else {"prompt_tokens": 0, "completion_tokens": 0}
-        )
+        small = {
+            "prompt_tokens": sum(_prompt_tokens(o.small) for o in outcomes if o.small is not None),
+            "completion_tokens": sum(o.small.num_tokens for o in outcomes if o.small is not None),
+        }
         prompt = large["prompt_tokens"] + small["prompt_tokens"]
         completion = large["completion_tokens"] + small["completion_tokens"]
         return {
@@ -635,53 +665,60 @@ class DuetService:
             }
         return {}
 
-    def completion(self, chat: ParsedChat, outcome: DuetOutcome) -> dict[str, Any]:
-        content, finish = self.choice_fields(chat, outcome)
+    def completion(self, chat: ParsedChat, outcomes: list[DuetOutcome]) -> dict[str, Any]:
+        choices = []
+        for i, outcome in enumerate(outcomes):
+            content, finish = self.choice_fields(chat, outcome)
+            message = {"role": "assistant", "content": content, "reasoning_content": outcome.signal.text}
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "finish_reason": finish,
+                    "logprobs": None,
+                    **self.extensions(outcome),
+                    "duet": _duet_fields(outcome),
+                }
+            )
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.cfg.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": content,
-                        "reasoning_content": outcome.signal.text,
-                    },
-                    "finish_reason": finish,
-                    "logprobs": None,
-                    **self.extensions(outcome),
-                }
-            ],
-            "usage": self.usage(outcome),
-            "duet": {"signal_complete": outcome.signal.complete, "large_finish": outcome.large.finish_reason},
+            "choices": choices,
+            "usage": self.usage(outcomes),
+            "duet": _duet_fields(outcomes[0]),  # choice 0's, where clients of n = 1 look
         }
 
-    def open_stream(self, chat: ParsedChat) -> tuple[asyncio.Queue[tuple[str, Any]], asyncio.Task[None]]:
-        """Start a streamed request: a task runs M then m and puts events on the queue, in order:
-        ("large", token id)*, ("signal", outcome), ("small", token id)*, ("done", outcome), or
-        ("error", ApiError) at any point. Token events come only from engines that stream."""
+    def open_stream(self, chat: ParsedChat) -> tuple[asyncio.Queue[tuple[int, str, Any]], asyncio.Task[None]]:
+        """Start a streamed request: a task runs its n choices (M then m each) and puts events on the
+        queue, as (choice, kind, value), in order per choice: ("large", token id)*, ("signal", outcome),
+        ("small", token id)*, ("done", outcome); or ("error", ApiError) at any point, after which
+        the other choices are cancelled. Token events come only from engines that stream."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
 
-        def sink(kind: str) -> TokenSink:
+        def sink(index: int, kind: str) -> TokenSink:
             # From the engine's worker thread: hand each token to the event loop, in order (the batch's
             # result is set after its tokens, through the same loop, so "done" cannot overtake them).
-            return lambda token_id: loop.call_soon_threadsafe(events.put_nowait, (kind, token_id))
+            return lambda token_id: loop.call_soon_threadsafe(events.put_nowait, (index, kind, token_id))
+
+        async def one(i: int) -> None:
+            outcome = await self.think(chat, sink(i, "large"), i)
+            events.put_nowait((i, "signal", outcome))
+            if self.cfg.role == "duet":
+                outcome = await self.answer(chat, outcome, sink(i, "small"), i)
+            events.put_nowait((i, "done", outcome))
 
         async def run() -> None:
             try:
-                outcome = await self.think(chat, sink("large"))
-                events.put_nowait(("signal", outcome))
-                if self.cfg.role == "duet":
-                    outcome = await self.answer(chat, outcome, sink("small"))
-                events.put_nowait(("done", outcome))
-            except ApiError as err:
-                events.put_nowait(("error", err))
-            except Exception as err:  # a stream must end with an event, whatever broke
-                events.put_nowait(("error", _upstream_error(err)))
+                async with asyncio.TaskGroup() as group:
+                    for i in range(chat.request.n):
+                        group.create_task(one(i))
+            except* ApiError as errors:
+                events.put_nowait((0, "error", errors.exceptions[0]))
+            except* Exception as errors:  # a stream must end with an event, whatever broke
+                events.put_nowait((0, "error", _upstream_error(errors.exceptions[0])))
 
         return events, loop.create_task(run())
 
@@ -694,16 +731,18 @@ class DuetService:
     async def stream(
         self,
         chat: ParsedChat,
-        events: asyncio.Queue[tuple[str, Any]],
+        events: asyncio.Queue[tuple[int, str, Any]],
         task: asyncio.Task[None],
-        first: tuple[str, Any],
+        first: tuple[int, str, Any],
     ) -> AsyncIterator[str]:
-        """SSE events: the role, M's signal as `reasoning_content` deltas, m's answer as `content`
-        deltas, the finish reason, the usage if asked, [DONE]. Cancels the request if the client goes."""
+        """SSE events: the role, each choice's signal as `reasoning_content` deltas and answer as
+        `content` deltas (interleaved across choices as they come), each choice's finish reason, the
+        usage if asked, [DONE]. Cancels the request if the client goes."""
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        n = chat.request.n
 
-        def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
+        def event(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
             chunk = {
                 "id": cid,
                 "object": "chat.completion.chunk",
@@ -715,34 +754,39 @@ class DuetService:
 
         tok = getattr(self.large, "tokenizer", None)
         think_stops = protocol.large_stop_token_ids(tok) if tok is not None else ()
-        signal = self._deltas(self.large, protocol.partial_signal, think_stops)
-        answer = self._deltas(self.small, answer_view(self._user_stop(chat)))
-        yield event({"role": "assistant", "content": ""})
-        kind, value = first
+        stop = self._user_stop(chat)
+        signals = [self._deltas(self.large, protocol.partial_signal, think_stops) for _ in range(n)]
+        answers = [self._deltas(self.small, answer_view(stop)) for _ in range(n)]
+        outcomes: dict[int, DuetOutcome] = {}
+        for i in range(n):
+            yield event(i, {"role": "assistant", "content": ""})
+        i, kind, value = first
         try:
             while True:
                 if kind == "error":
                     yield f"data: {json.dumps(value.body())}\n\n"
                     return
                 if kind == "large":
-                    delta = {"reasoning_content": signal.push(value)}
+                    delta = {"reasoning_content": signals[i].push(value)}
                 elif kind == "signal":
-                    delta = {"reasoning_content": signal.finish(value.signal.text)}
+                    delta = {"reasoning_content": signals[i].finish(value.signal.text)}
                 elif kind == "small":
-                    delta = {"content": answer.push(value)}
+                    delta = {"content": answers[i].push(value)}
                 else:  # done
-                    outcome: DuetOutcome = value
-                    content, finish = self.choice_fields(chat, outcome)
-                    if text := answer.finish(content):
-                        yield event({"content": text})
-                    break
-                if next(iter(delta.values())):
-                    yield event(delta)
-                kind, value = await events.get()
+                    outcomes[i] = value
+                    content, finish = self.choice_fields(chat, value)
+                    if text := answers[i].finish(content):
+                        yield event(i, {"content": text})
+                    yield event(i, {}, finish, **self.extensions(value))
+                    if len(outcomes) == n:
+                        break
+                    delta = {}
+                if next(iter(delta.values()), ""):
+                    yield event(i, delta)
+                i, kind, value = await events.get()
         finally:
             if not task.done():  # the client went away: stop its request
                 task.cancel()
-        yield event({}, finish, **self.extensions(outcome))
         if chat.request.stream_options is not None and chat.request.stream_options.include_usage:
             usage_chunk = {
                 "id": cid,
@@ -750,7 +794,7 @@ class DuetService:
                 "created": created,
                 "model": self.cfg.model_name,
                 "choices": [],
-                "usage": self.usage(outcome),
+                "usage": self.usage([outcomes[k] for k in range(n)]),
             }
             yield f"data: {json.dumps(usage_chunk)}\n\n"
         yield "data: [DONE]\n\n"
@@ -867,10 +911,7 @@ def create_app(service: DuetService) -> FastAPI:
             )
         with service.admitted() as keep:
             if not chat.request.stream:
-                outcome = await service.think(chat)
-                if cfg.role == "duet":
-                    outcome = await service.answer(chat, outcome)
-                return JSONResponse(service.completion(chat, outcome))
+                return JSONResponse(service.completion(chat, await service.run_all(chat)))
             # Streaming: the request runs as a task that releases its slot when done. The response
             # starts with M's first token (or its whole signal, from an engine that does not stream),
             # so a failure before that is still an HTTP error status.
@@ -882,8 +923,8 @@ def create_app(service: DuetService) -> FastAPI:
             except asyncio.CancelledError:
                 task.cancel()
                 raise
-            if first[0] == "error":
-                raise first[1]
+            if first[1] == "error":
+                raise first[2]
             return StreamingResponse(
                 service.stream(chat, events, task, first), media_type="text/event-stream"
             )
