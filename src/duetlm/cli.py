@@ -223,6 +223,7 @@ def serve(
         typer.Option(envvar="DUETLM_SERVE_API_KEY", help="require 'Authorization: Bearer KEY' (not /health)"),
     ] = None,
     engine: Annotated[str, typer.Option(help="engine of the local models: hf, vllm")] = "hf",
+    max_n: Annotated[int, typer.Option(help="largest n (choices per request) a request may ask for")] = 8,
 ) -> None:
     """Serve M -> z -> m (or M alone) as an OpenAI-compatible API: /v1/chat/completions, /v1/models, /health."""
     from duetlm.config import build_config
@@ -245,6 +246,7 @@ def serve(
         dtype=dtype,
         api_key=api_key,
         engine=engine,
+        max_n=max_n,
     )
     run_server(build_config(ServeConfig, options, origin="duetlm serve options"))
 
