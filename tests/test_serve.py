@@ -344,24 +344,12 @@ def large_cli_url(tiny_dir):
 def test_role_large_serves_m_thinking(large_cli_url, local):
     c = openai.OpenAI(base_url=large_cli_url + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in c.models.list().data] == ["large"]
-    r = c.chat.completions.create(
-        model="large",
-        messages=protocol.large_messages(Q),
-        temperature=1.0,
-        seed=SEED,
-        max_tokens=SIGNAL_TOKENS,
-    )
+    options = dict(model="large", messages=protocol.large_messages(Q), temperature=1.0, seed=SEED)
+    r = c.chat.completions.create(**options, max_tokens=SIGNAL_TOKENS)
     (expected,) = local.think([Q])
     assert r.choices[0].message.reasoning_content == protocol.extract_signal(expected[0].text).text
     assert r.choices[0].message.content == ""
-    streamed = c.chat.completions.create(
-        model="large",
-        messages=protocol.large_messages(Q),
-        temperature=1.0,
-        seed=SEED,
-        max_tokens=SIGNAL_TOKENS,
-        stream=True,
-    )
+    streamed = c.chat.completions.create(**options, max_tokens=SIGNAL_TOKENS, stream=True)
     deltas = [ch.choices[0].delta.model_extra.get("reasoning_content") for ch in streamed if ch.choices]
     assert "".join(d or "" for d in deltas) == r.choices[0].message.reasoning_content
     assert sum(1 for d in deltas if d) >= 3
