@@ -151,6 +151,10 @@ def test_bad_requests_are_refused_at_submit(engines):
             batcher.submit([1, 2, 3], SamplingParams(max_new_tokens=limit))
         with pytest.raises(ValueError, match="token id 99999"):
             batcher.submit([1, 99999], SamplingParams())
+        # Zero new tokens is no error: an empty "length" sample at once, as HFEngine gives.
+        empty = batcher.submit([1, 2], SamplingParams(max_new_tokens=0)).result(TIMEOUT)
+        assert empty.token_ids == [] and empty.finish_reason == "length" and empty.text == ""
+        assert _alone(engine, [1, 2], SamplingParams(max_new_tokens=0)).token_ids == []
         # The batcher still serves after refusals.
         assert (
             batcher.submit([1, 2], SamplingParams(temperature=0.0, max_new_tokens=2))

@@ -178,6 +178,8 @@ class ContinuousBatcher:
         the vocabulary, prompt + max_new_tokens beyond the model's positions) and `BatcherClosed`
         after `close()`.
         """
+        if self._closed:
+            raise BatcherClosed("ContinuousBatcher is closed; no new requests")
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("prompt is empty after tokenisation")
