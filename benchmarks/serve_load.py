@@ -1,10 +1,12 @@
-"""Load test of `duetlm serve`: windowed batching against batching off, side by side.
+"""Load test of `duetlm serve`: continuous batching, windowed batching and batching off, side by side.
 
 For each mode, starts `duetlm serve` in its own process on 127.0.0.1 (an ephemeral port), sends
 `--requests` chat completions with `--concurrency` in flight (httpx, asyncio), and prints: requests
 answered / lost (a lost request is any that did not come back 200 with a signal and an answer),
-p50 / p99 latency, throughput, and the mean engine batch per stage (from `/health`). Then the ratios
-batched / off. Greedy decoding, so both modes do the same work per request.
+p50 / p99 latency, throughput, and the batching per stage (from `/health`: for windowed batching the
+engine calls and requests per call, for continuous batching the decode steps and rows per step). Then
+the ratios of each mode to batching off, and continuous to windowed. Greedy decoding by default, so all
+modes do the same work per request.
 
 By default M and m are tiny random Qwen3 / Llama models built on the spot (their outputs are
 nonsense, their cost is real); `--large` / `--small` take any model spec (`smollm2-135m`, a directory,
@@ -202,9 +204,15 @@ def run_mode(serve_args: list[str], args: argparse.Namespace) -> LoadResult:
         server.close()
     stages = {}
     for name in after:
-        calls = after[name]["calls"] - before[name]["calls"]
-        reqs = after[name]["requests"] - before[name]["requests"]
-        stages[name] = {"calls": calls, "mean_batch": reqs / calls if calls else 0.0}
+        if "calls" in after[name]:  # windowed: engine calls and requests per call
+            calls = after[name]["calls"] - before[name]["calls"]
+            reqs = after[name]["requests"] - before[name]["requests"]
+            stages[name] = {"calls": calls, "mean_batch": reqs / calls if calls else 0.0}
+        else:  # continuous: decode steps and live rows per step (M and m share a batcher if one model)
+            stages[name] = {
+                "calls": after[name]["steps"] - before[name]["steps"],
+                "mean_batch": after[name]["mean_batch"],
+            }
     return LoadResult(ok, lost, latencies, wall, stages, firsts["signal"], firsts["answer"])
 
 
@@ -216,6 +224,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--window-ms", type=float, default=5.0)
+    parser.add_argument("--modes", default="continuous,window,off", help="of continuous, window, off")
     parser.add_argument("--signal-tokens", type=int, default=32, help="M's thinking cap")
     parser.add_argument("--answer-tokens", type=int, default=32, help="m's answer cap")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
@@ -234,11 +243,19 @@ def main() -> None:
         large, small = large or tiny_large, small or tiny_small
     common = ["--large", large, "--small", small, "--device", "cpu", "--max-queue", str(4 * args.concurrency)]
     common += ["--max-signal-tokens", str(args.signal_tokens), "--max-answer-tokens", str(args.answer_tokens)]
-    modes = {
-        f"batched (B={args.max_batch}, W={args.window_ms:g} ms)": common
-        + ["--max-batch", str(args.max_batch), "--batch-window-ms", str(args.window_ms)],
-        "batching off (B=1)": common + ["--max-batch", "1", "--batch-window-ms", "0"],
+    batch = ["--max-batch", str(args.max_batch)]
+    all_modes = {
+        "continuous": (f"continuous (B={args.max_batch})", common + batch + ["--batching", "continuous"]),
+        "window": (
+            f"windowed (B={args.max_batch}, W={args.window_ms:g} ms)",
+            common + batch + ["--batching", "window", "--batch-window-ms", str(args.window_ms)],
+        ),
+        "off": (
+            "batching off (B=1)",
+            common + ["--max-batch", "1", "--batching", "window", "--batch-window-ms", "0"],
+        ),
     }
+    modes = dict(all_modes[m] for m in args.modes.split(","))
     print(
         f"duetlm serve load: {args.requests} requests, concurrency {args.concurrency}, M={large}, m={small}, "
         f"signal<={args.signal_tokens}, answer<={args.answer_tokens} tokens, temperature {args.temperature:g}, {args.threads} torch threads"
@@ -267,22 +284,27 @@ def main() -> None:
         ("mean latency (s)", lambda r: f"{statistics.fmean(r.latencies):.3f}" if r.latencies else "nan"),
         ("throughput (req/s)", lambda r: f"{r.throughput:.2f}"),
         ("wall (s)", lambda r: f"{r.wall_s:.1f}"),
-        ("M engine calls", lambda r: f"{r.stages['large']['calls']}"),
-        ("M mean batch", lambda r: f"{r.stages['large']['mean_batch']:.2f}"),
-        ("m engine calls", lambda r: f"{r.stages['small']['calls']}"),
-        ("m mean batch", lambda r: f"{r.stages['small']['mean_batch']:.2f}"),
+        ("M calls / steps", lambda r: f"{r.stages['large']['calls']}"),
+        ("M batch / rows per step", lambda r: f"{r.stages['large']['mean_batch']:.2f}"),
+        ("m calls / steps", lambda r: f"{r.stages['small']['calls']}"),
+        ("m batch / rows per step", lambda r: f"{r.stages['small']['mean_batch']:.2f}"),
     ]
     width = max(len(n) for n in names) + 2
-    print(f"\n{'':22}" + "".join(f"{n:>{width}}" for n in names))
+    print(f"\n{'':28}" + "".join(f"{n:>{width}}" for n in names))
     for label, fmt in rows:
-        print(f"{label:22}" + "".join(f"{fmt(results[n]):>{width}}" for n in names))
-    on, off = results[names[0]], results[names[1]]
-    print(
-        f"\nbatched / off: throughput x{on.throughput / off.throughput:.2f}, "
-        f"p50 latency x{on.pct(0.5) / off.pct(0.5):.2f}, p99 latency x{on.pct(0.99) / off.pct(0.99):.2f}"
-    )
-    if on.lost or off.lost:
-        raise SystemExit(f"lost requests: batched {on.lost}, off {off.lost}")
+        print(f"{label:28}" + "".join(f"{fmt(results[n]):>{width}}" for n in names))
+    print()
+    chosen = args.modes.split(",")
+    for a, b in (("continuous", "off"), ("window", "off"), ("continuous", "window")):
+        if a in chosen and b in chosen:
+            x, y = results[all_modes[a][0]], results[all_modes[b][0]]
+            print(
+                f"{a} / {b}: throughput x{x.throughput / y.throughput:.2f}, "
+                f"p50 latency x{x.pct(0.5) / y.pct(0.5):.2f}, p99 latency x{x.pct(0.99) / y.pct(0.99):.2f}"
+            )
+    lost = {n: r.lost for n, r in results.items() if r.lost}
+    if lost:
+        raise SystemExit(f"lost requests: {lost}")
 
 
 if __name__ == "__main__":

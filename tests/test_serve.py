@@ -4,6 +4,7 @@ client; a `--role large` server started by the CLI with a duet server using it a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -185,7 +186,14 @@ def test_models_and_health(client, duet_url):
 
 def test_concurrent_requests_share_engine_calls(engines, tiny_dir):
     large, small = engines
-    cfg = ServeConfig(large=str(tiny_dir), small="m", max_batch=4, batch_window_ms=3000, max_answer_tokens=4)
+    cfg = ServeConfig(
+        large=str(tiny_dir),
+        small="m",
+        batching="window",
+        max_batch=4,
+        batch_window_ms=3000,
+        max_answer_tokens=4,
+    )
     server = start(cfg, large, small)
     questions = ["What is 1 + 1?", "Compute 3 * (4 + 5) please.", "A train travels 60 miles.", "hmm, 6 * 7?"]
     try:
@@ -213,6 +221,42 @@ def test_concurrent_requests_share_engine_calls(engines, tiny_dir):
     for q, reply in zip(questions, replies, strict=True):
         prompt = protocol.large_prompt(large.tokenizer, q)
         assert reply["usage"]["large"]["prompt_tokens"] == large.count_tokens(prompt)
+
+
+def test_continuous_batching_lets_a_late_short_request_overtake_a_long_one(engines):
+    """A short request sent while a long answer is being written joins m's running batch and is done
+    first; with windowed batching it would wait for the long answer's batch to end."""
+    cfg = ServeConfig(large="M", small="m", max_signal_tokens=4, max_tokens_limit=1000)
+    server = start(cfg, *engines)
+    events: dict[str, float] = {}
+    writing = threading.Event()
+
+    def long_request() -> None:
+        # Seed 0: the tiny m writes all 300 tokens (sampled: greedy would repeat a newline, not shown).
+        body = {**user(Q), "stream": True, "max_tokens": 300, "temperature": 1.0, "seed": 0}
+        body["stream_options"] = {"include_usage": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    writing.set()
+                if '"usage"' in line and '"choices": []' in line:
+                    events["long_tokens"] = json.loads(line[6:])["usage"]["small"]["completion_tokens"]
+        events["long_done"] = time.monotonic()
+
+    try:
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        assert writing.wait(60), "the long answer never started"
+        short = post(server.url, {**user("What is 3 + 4?"), "max_tokens": 2})
+        events["short_done"] = time.monotonic()
+        thread.join(120)
+        stats = httpx.get(server.url + "/health").json()["stages"]["small"]
+    finally:
+        server.__exit__()
+    assert short.status_code == 200
+    assert events["long_tokens"] == 300
+    assert events["short_done"] < events["long_done"]
+    assert stats["peak_batch"] >= 2 and stats["requests"] == 2
 
 
 def post(url, body=None, **kwargs):

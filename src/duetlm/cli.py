@@ -210,8 +210,11 @@ def serve(
     role: Annotated[str, typer.Option(help="duet: M thinks, m answers; large: serve M alone")] = "duet",
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
-    max_batch: Annotated[int, typer.Option(help="requests per engine call; 1 turns batching off")] = 16,
-    batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests")] = 5.0,
+    batching: Annotated[
+        str, typer.Option(help="continuous: requests join a local HF model's running batch; window")
+    ] = "continuous",
+    max_batch: Annotated[int, typer.Option(help="requests decoded together; 1 turns batching off")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(help="window batching: how long a batch waits")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="requests admitted at once; more get 503")] = 256,
     max_signal_tokens: Annotated[int, typer.Option(help="default cap on M's thinking tokens")] = 256,
     max_answer_tokens: Annotated[int, typer.Option(help="default cap on m's answer tokens")] = 256,
@@ -237,6 +240,7 @@ def serve(
         host=host,
         port=port,
         max_batch=max_batch,
+        batching=batching,
         batch_window_ms=batch_window_ms,
         max_queue=max_queue,
         max_signal_tokens=max_signal_tokens,

@@ -82,10 +82,17 @@ class DuetPipeline:
     def think(self, questions: list[str], on_token: TokenCallback | None = None) -> list[list[Generation]]:
         """Stage 1: M's rollouts (n per question, as `large_sampling.n` says). `on_token` streams
         M's tokens where its engine can (see `engines.base.generate_streaming`)."""
-        prompts = [
-            protocol.large_prompt(_tokenizer(self.large), q, self.large_instruction) for q in questions
-        ]
-        return generate_streaming(self.large, prompts, self.large_params(), on_token)
+        return generate_streaming(self.large, self.think_prompts(questions), self.large_params(), on_token)
+
+    def think_prompts(self, questions: list[str]) -> list[str]:
+        """M's prompts for `questions` (what `think` generates from)."""
+        tok = _tokenizer(self.large)
+        return [protocol.large_prompt(tok, q, self.large_instruction) for q in questions]
+
+    def answer_prompts(self, questions: list[str], signals: list[str | None]) -> list[str]:
+        """m's prompts for (x, z) pairs (what `answer` generates from)."""
+        tok = _tokenizer(self.small)
+        return [protocol.small_prompt(tok, q, z) for q, z in zip(questions, signals, strict=True)]
 
     def answer(
         self,
@@ -95,10 +102,8 @@ class DuetPipeline:
         on_token: TokenCallback | None = None,
     ) -> list[list[Generation]]:
         """Stage 2: m's answers to (x, z); a `None` signal gives m alone (the unguided baseline)."""
-        tok = _tokenizer(self.small)
-        prompts = [protocol.small_prompt(tok, q, z) for q, z in zip(questions, signals, strict=True)]
         params = self.small_sampling if n is None else replace(self.small_sampling, n=n)
-        return generate_streaming(self.small, prompts, params, on_token)
+        return generate_streaming(self.small, self.answer_prompts(questions, signals), params, on_token)
 
     def run(self, questions: list[str], seed: int | None = None) -> list[DuetResult]:
         """Each question through M -> z -> m, one sample each (greedy unless the sampling says not).

@@ -83,8 +83,11 @@ class ServeConfig(Strict):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     dtype: DType = "auto"
     served_model_name: str | None = Field(None, description="the model name clients use (default: the role)")
-    max_batch: int = Field(16, ge=1, description="requests per engine call; 1 turns batching off")
-    batch_window_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    batching: Literal["continuous", "window"] = Field(
+        "continuous", description="continuous: requests join a local HF model's running batch at each step"
+    )
+    max_batch: int = Field(16, ge=1, description="requests decoded together; 1 turns batching off")
+    batch_window_ms: float = Field(5.0, ge=0, description="window batching: how long a batch waits for more")
     max_queue: int = Field(256, ge=1, description="requests admitted at once; beyond: 503 + Retry-After")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 503")
     max_signal_tokens: int = Field(256, ge=1, description="default cap on M's thinking tokens")
@@ -406,6 +409,61 @@ class WindowBatcher:
             self._slots.release()
 
 
+class _Withdrawn(Exception):
+    """Raised from a request's token sink to take it out of a running continuous batch."""
+
+
+@dataclass
+class ContinuousStage:
+    """Continuous batching for one stage on a local HF model: each request goes straight into the
+    model's `ContinuousBatcher` (one per model, shared by M and m when they are the same engine) and
+    joins the running batch at its next decode step; finished rows leave at once.
+
+    `prepare(key, payload) -> (prompt ids, sampling)` turns a stage's request into the batcher's.
+    A cancelled request (a client that went away) leaves the batch at its next token.
+    """
+
+    name: str
+    prepare: Callable[[Hashable, Any], tuple[list[int], SamplingParams]]
+    batcher: Any  # engines.continuous.ContinuousBatcher
+
+    @property
+    def stats(self) -> Any:
+        return self.batcher.stats
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass  # the service closes the batchers, which fails what is still in them
+
+    async def submit(self, key: Hashable, payload: Any, on_token: TokenSink | None = None) -> Any:
+        from duetlm.engines.continuous import BatcherClosed
+
+        prompt_ids, params = self.prepare(key, payload)
+        withdrawn = threading.Event()
+
+        def sink(token_id: int) -> None:
+            if withdrawn.is_set():
+                raise _Withdrawn
+            if on_token is not None:
+                on_token(token_id)
+
+        try:
+            future = self.batcher.submit(prompt_ids, params, sink)
+        except ValueError as err:
+            raise ApiError(400, f"the {self.name} model cannot take this request: {err}") from None
+        except BatcherClosed:
+            raise ApiError(503, "the server is shutting down", kind="server_error") from None
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            withdrawn.set()
+            raise
+        except BatcherClosed:
+            raise ApiError(503, "the server is shutting down", kind="server_error") from None
+
+
 # -- the service -------------------------------------------------------------------------------------
 
 
@@ -466,12 +524,37 @@ class DuetService:
         self.pipeline = DuetPipeline(large, small if small is not None else large)
         self.in_flight = 0
         self._executors: dict[int, ThreadPoolExecutor] = {}
+        self._continuous: dict[int, Any] = {}
         window = cfg.batch_window_ms / 1000
-        run_large = self._run_think if cfg.role == "duet" else self._run_large_chat
-        self.large_stage = self._batcher("large", run_large, large, window)
+        if cfg.role == "duet":
+            self.large_stage = self._stage("large", self._run_think, self._prepare_think, large, window)
+        else:
+            self.large_stage = self._stage("large", self._run_large_chat, self._prepare_chat, large, window)
         self.small_stage = (
-            self._batcher("small", self._run_answer, small, window) if small is not None else None
+            self._stage("small", self._run_answer, self._prepare_answer, small, window)
+            if small is not None
+            else None
         )
+
+    def _stage(
+        self,
+        name: str,
+        run: Callable[..., list[Any]],
+        prepare: Callable[[Hashable, Any], tuple[list[int], SamplingParams]],
+        engine: Engine,
+        window: float,
+    ) -> WindowBatcher | ContinuousStage:
+        """The stage's batching: continuous on a local HF model (unless `batching: window`), else
+        windowed (vLLM's offline engine and a remote M take whole batches)."""
+        from duetlm.engines.hf import HFEngine
+
+        if self.cfg.batching == "continuous" and isinstance(engine, HFEngine):
+            if id(engine) not in self._continuous:
+                from duetlm.engines.continuous import ContinuousBatcher
+
+                self._continuous[id(engine)] = ContinuousBatcher(engine, max_batch=self.cfg.max_batch)
+            return ContinuousStage(name, prepare, self._continuous[id(engine)])
+        return self._batcher(name, run, engine, window)
 
     def _batcher(
         self, name: str, run: Callable[..., list[Any]], engine: Engine, window: float
@@ -484,7 +567,7 @@ class DuetService:
         return WindowBatcher(name, run, self._executors[id(engine)], self.cfg.max_batch, window, workers)
 
     @property
-    def stages(self) -> list[WindowBatcher]:
+    def stages(self) -> list[WindowBatcher | ContinuousStage]:
         return [s for s in (self.large_stage, self.small_stage) if s is not None]
 
     async def start(self) -> None:
@@ -494,6 +577,8 @@ class DuetService:
     async def stop(self) -> None:
         for stage in self.stages:
             await stage.stop()
+        for batcher in self._continuous.values():
+            await asyncio.get_running_loop().run_in_executor(None, batcher.close, 30.0)
         for pool in self._executors.values():
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -510,6 +595,18 @@ class DuetService:
         pipe = replace(self.pipeline, small_sampling=key.params)
         questions, signals = [q for q, _ in items], [z for _, z in items]
         return [gs[0] for gs in pipe.answer(questions, signals, n=1, on_token=_rows(sinks))]
+
+    # What a continuous stage hands its batcher: the same prompts and sampling as the batch functions.
+    def _prepare_think(self, key: StageKey, question: str) -> tuple[list[int], SamplingParams]:
+        pipe = replace(self.pipeline, large_sampling=key.params)
+        return self.large.encode(pipe.think_prompts([question]))[0], pipe.large_params()  # type: ignore[attr-defined]
+
+    def _prepare_answer(self, key: StageKey, item: tuple[str, str]) -> tuple[list[int], SamplingParams]:
+        prompt = self.pipeline.answer_prompts([item[0]], [item[1]])[0]
+        return self.small.encode([prompt])[0], replace(key.params, n=1)  # type: ignore[union-attr]
+
+    def _prepare_chat(self, key: StageKey, prompt: str) -> tuple[list[int], SamplingParams]:
+        return self.large.encode([prompt])[0], key.params  # type: ignore[attr-defined]
 
     def _run_large_chat(
         self, key: StageKey, prompts: list[str], sinks: list[TokenSink | None]
@@ -806,7 +903,11 @@ class DuetService:
             "model": self.cfg.model_name,
             "in_flight": self.in_flight,
             "max_queue": self.cfg.max_queue,
-            "batching": {"max_batch": self.cfg.max_batch, "window_ms": self.cfg.batch_window_ms},
+            "batching": {
+                "mode": self.cfg.batching,
+                "max_batch": self.cfg.max_batch,
+                "window_ms": self.cfg.batch_window_ms,
+            },
             "stages": {s.name: s.stats.to_json() for s in self.stages},
         }
 
