@@ -72,11 +72,17 @@ def train_check(work: Path, device: str) -> None:
     assert not bad, f"non-finite metrics: {bad[:5]}"
     seen = [r["step"] for r in steps]
     assert seen and max(seen) == 6 and 5 in seen, f"steps logged: {seen}"
+    # Where a step's time goes (mean over the steps after the first, which pays CUDA's start-up).
+    later = [r for r in steps if r["step"] > 1]
+    phases = sorted(k for k in later[0] if k.startswith("time/") and k != "time/step_s")
+    print("phase seconds per step (mean of steps 2-6): " + ", ".join(
+        f"{k.removeprefix('time/').removesuffix('_s')} {sum(r[k] for r in later) / len(later):.3f}" for k in phases
+    ))  # fmt: skip
     cfg = work / "runs/tiny/config.yaml"
     print(f"resolved config written: {cfg.exists()}; steps logged: {seen}")
 
 
-def engine_check(new_tokens: int, batches: list[int], device: str) -> None:
+def engine_check(new_tokens: int, batches: list[int], device: str, repeats: int = 2) -> None:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -128,7 +134,7 @@ def engine_check(new_tokens: int, batches: list[int], device: str) -> None:
         run_engine(prompts[:2])
         run_generate(prompts[:2])
         eng, hf = [], []
-        for _ in range(2):
+        for _ in range(repeats):
             eng.append(timed(run_engine, prompts))
             hf.append(timed(run_generate, prompts))
         e, h = max(eng), max(hf)
@@ -143,6 +149,7 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per engine and batch (best kept)")
     parser.add_argument("--device", default="cuda", help="cuda (the point); cpu only to try the script")
     args = parser.parse_args()
     import torch
@@ -154,7 +161,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             train_check(Path(tmp), args.device)
     if not args.skip_engine:
-        engine_check(args.new_tokens, [int(b) for b in args.batches.split(",")], args.device)
+        engine_check(args.new_tokens, [int(b) for b in args.batches.split(",")], args.device, args.repeats)
 
 
 if __name__ == "__main__":
