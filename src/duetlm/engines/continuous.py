@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from duetlm.engines.base import FinishReason, Generation, SamplingParams
-from duetlm.engines.hf import HFEngine, _cache_kwarg, _filter_logits
+from duetlm.engines.hf import HFEngine, _cache_kwarg, _filter_logits, forward_last, stop_string_hit, text_ids
 
 
 class BatcherClosed(RuntimeError):
@@ -116,11 +116,6 @@ def _set_layer_kv(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> No
     """
     for layer, (keys, values) in zip(cache.layers, kv, strict=True):
         layer.keys, layer.values = keys, values
-
-
-def _text_ids(ids: list[int], eos_ids: frozenset[int]) -> list[int]:
-    """The ids that make `text`: a final EOS is not text (same rule as `HFEngine._decode`)."""
-    return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
 class ContinuousBatcher:
@@ -268,16 +263,7 @@ class ContinuousBatcher:
         return True
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any):
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=pos,
-            **{self._cache_kw: cache},
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
-        return out.logits[:, -1, :].float(), cache  # (B, V)
+        return forward_last(self.model, self._cache_kw, input_ids, mask, pos, cache)  # (B, V), cache
 
     def _admit(self, new: list[_Request]) -> None:
         """Prefill `new` together, take their first tokens, and merge the survivors into the batch."""
@@ -395,16 +381,13 @@ class ContinuousBatcher:
         sp = req.sampling
         if tok in req.stop_ids:
             return "stop"
-        if sp.stop:
-            longest = max(len(s) for s in sp.stop)
-            tail = self.engine.tokenizer.decode(req.tokens[-(longest + 4) :], skip_special_tokens=False)
-            if any(s in tail for s in sp.stop):
-                return "stop"
+        if stop_string_hit(self.engine.tokenizer, req.tokens, sp.stop):
+            return "stop"
         return "length" if len(req.tokens) >= sp.max_new_tokens else None
 
     def _generation(self, req: _Request) -> Generation:
         text = self.engine.tokenizer.decode(
-            _text_ids(req.tokens, self.engine.eos_ids), skip_special_tokens=False
+            text_ids(req.tokens, self.engine.eos_ids), skip_special_tokens=False
         )
         return Generation(
             prompt_index=0,

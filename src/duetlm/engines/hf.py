@@ -41,6 +41,37 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def forward_last(
+    model: Any, cache_kw: str, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+) -> tuple[torch.Tensor, Any]:
+    """One cached forward pass: the last position's logits as float32 (B, V) and the updated cache."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        **{cache_kw: cache},
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+    return out.logits[:, -1, :].float(), cache
+
+
+def stop_string_hit(tokenizer: Any, tokens: list[int], stop: tuple[str, ...]) -> bool:
+    """True when a stop string shows in the decoded tail of `tokens` (special tokens kept, so
+    `</think>` matches whether or not it is one token; a few tokens more than the longest stop string
+    cover stop strings that straddle tokens)."""
+    if not stop:
+        return False
+    tail = tokenizer.decode(tokens[-(max(len(s) for s in stop) + 4) :], skip_special_tokens=False)
+    return any(s in tail for s in stop)
+
+
+def text_ids(ids: list[int], eos_ids: frozenset[int]) -> list[int]:
+    """The ids a generation's `text` decodes: all but a final end-of-sequence token."""
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then nucleus filtering on (B, V) logits; removed entries become -inf."""
     if top_k and top_k < logits.shape[-1]:
@@ -152,7 +183,6 @@ class HFEngine:
         stop_ids = torch.tensor(
             sorted(self.eos_ids | set(sp.stop_token_ids)), device=device, dtype=torch.long
         )
-        max_stop_chars = max((len(s) for s in sp.stop), default=0)
 
         tokens: list[list[int]] = [[] for _ in range(bsz)]
         logps: list[list[float]] = [[] for _ in range(bsz)]
@@ -171,16 +201,7 @@ class HFEngine:
         if shared:
             step_ids, step_pos, step_mask = input_ids[uniq], positions[uniq], mask[uniq]
         for _ in range(sp.max_new_tokens):
-            outputs = self.model(
-                input_ids=step_ids,
-                attention_mask=step_mask,
-                position_ids=step_pos,
-                **{self._cache_kw: past},
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            past = outputs.past_key_values if getattr(outputs, "cache", None) is None else outputs.cache
-            logits = outputs.logits[:, -1, :].float()  # (b, V)
+            logits, past = forward_last(self.model, self._cache_kw, step_ids, step_mask, step_pos, past)
             if shared:  # after the shared prefill: one row per sample from here on
                 logits = logits[expand]
                 past.batch_select_indices(expand)
@@ -206,13 +227,9 @@ class HFEngine:
                     logps[row].append(lp_list[k])
                 if done_list[k]:
                     finish[row] = "stop"
-                elif max_stop_chars:
-                    tail = self.tokenizer.decode(
-                        tokens[row][-(max_stop_chars + 4) :], skip_special_tokens=False
-                    )
-                    if any(s in tail for s in sp.stop):
-                        finish[row] = "stop"
-                        done_list[k] = True
+                elif stop_string_hit(self.tokenizer, tokens[row], sp.stop):
+                    finish[row] = "stop"
+                    done_list[k] = True
             keep = torch.tensor([not d for d in done_list], device=device)
             if not keep.any():
                 break
@@ -231,12 +248,11 @@ class HFEngine:
         for row in range(bsz):
             ids = tokens[row]
             reason = finish[row] or "length"
-            text_ids = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
             results.append(
                 Generation(
                     prompt_index=-1,
                     token_ids=ids,
-                    text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
+                    text=self.tokenizer.decode(text_ids(ids, self.eos_ids), skip_special_tokens=False),
                     finish_reason=reason,  # type: ignore[arg-type]
                     logprobs=logps[row][: len(ids)] if sp.logprobs else None,
                 )
