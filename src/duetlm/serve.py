@@ -15,22 +15,26 @@ Roles.
   empty). `max_tokens` caps the thinking. So one duetlm server can be another's remote M
   (`--large-url`): the prompt M sees is byte for byte the one a local M would see.
 
-Batching. Each stage (M, then m) has a windowed batcher: it takes the first waiting request, waits
-up to `batch_window_ms` for more (up to `max_batch`), and runs one engine call for the batch (requests
-with different sampling options run as separate calls; a seeded sampled request runs alone, so its
-seed reproduces it). Engine calls run in worker threads, one per local engine, so torch work on an
-engine is serialised and never blocks the event loop; while m answers one batch, M can think about
-the next. Admission is bounded: beyond `max_queue` requests in the server, a request gets 503 with
-`Retry-After` at once instead of waiting.
+Batching (docs/serving.md has the measurements). `continuous` (default): a local HF model's requests go
+into its `ContinuousBatcher` (one per model, M and m share it when they are one engine) and join the
+running batch at the next decode step. `window`, and always for vLLM's offline engine and a remote M:
+each stage (M, then m) takes the first waiting request, waits up to `batch_window_ms` for more (up to
+`max_batch`), and runs one engine call for the batch (requests with different sampling options run as
+separate calls; a seeded sampled request runs alone, so its seed reproduces it). Engine calls run in
+worker threads, one per local engine, so torch work on an engine is serialised and never blocks the
+event loop; while m answers one batch, M can think about the next. Admission is bounded: beyond
+`max_queue` requests in the server, a request gets 503 with `Retry-After` at once instead of waiting.
 
-Streaming (SSE) is token by token where the engine streams (`HFEngine`): M's signal as
+Streaming (SSE) is token by token where the engine streams (`HFEngine`, `ContinuousBatcher`,
+`VLLMEngine`): M's signal as
 `reasoning_content` deltas while M writes it, then m's answer as `content` deltas while m writes it;
 each engine reports its tokens from its worker thread and `streaming.TextDeltas` turns them into text a
 client never has to un-see (whole characters, no trailing whitespace or partial stop string until it is
 certain). The deltas add up to exactly the non-streaming response. An engine that does not stream
-(vLLM's offline engine, a remote M) sends its text in one delta when its batch is done. A request whose
-M fails before its first token gets an HTTP error as without streaming; a failure later in the stream is
-an `error` event. A client that disconnects cancels its request (a batch already running finishes).
+(a remote M) sends its text in one delta when its batch is done. A request whose M fails before its
+first token gets an HTTP error as without streaming; a failure later in the stream is an `error` event.
+A client that disconnects cancels its request (continuous batching drops its row at the next token; a
+windowed batch already running finishes).
 
 `content` is m's answer cut before the first of the request's `stop` strings (OpenAI's rule).
 
