@@ -27,6 +27,26 @@ from duetlm.errors import DuetError
 from duetlm.pipeline import DuetPipeline
 
 
+def sse_chunks(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat completion as a server streams it: the role, the thinking and the content word by word,
+    the finish (with `stop_reason`), then the usage."""
+    choice = reply["choices"][0]
+    message = choice["message"]
+    base = {"id": reply["id"], "object": "chat.completion.chunk", "model": reply["model"]}
+
+    def chunk(delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None, **extra}]}
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    for field in ("reasoning_content", "content"):
+        for k, word in enumerate((message.get(field) or "").split(" ") if message.get(field) else []):
+            out.append(chunk({field: word if k == 0 else " " + word}))
+    finish = {k: v for k, v in choice.items() if k in ("stop_reason", "matched_stop", "logprobs")}
+    out.append(chunk({}, **{**finish, "finish_reason": choice["finish_reason"]}))
+    out.append({**base, "choices": [], "usage": reply["usage"]})
+    return out
+
+
 def chat_reply(body: dict[str, Any]) -> dict[str, Any]:
     """What a vLLM server with a reasoning parser answers: the thinking in `reasoning_content`, no
     content (it stopped at `</think>`), `stop_reason` naming the matched stop string."""
@@ -54,7 +74,8 @@ def chat_reply(body: dict[str, Any]) -> dict[str, Any]:
 class Upstream:
     """A tiny OpenAI-style server in a thread. The first `fail` POSTs answer `status` (with
     `Retry-After: retry_after` if given); the first `slow` POSTs sleep `delay` s before answering;
-    every POST waits for `gate` (set by default). Records bodies, headers and peak concurrency."""
+    every POST waits for `gate` (set by default). A request with `stream: true` gets SSE (`sse_chunks`).
+    Records bodies, headers and peak concurrency."""
 
     def __init__(
         self,
@@ -64,8 +85,10 @@ class Upstream:
         slow: int = 0,
         delay: float = 0.0,
         reply=chat_reply,
+        cut_after: int | None = None,
     ) -> None:
         self.fail, self.status, self.retry_after = fail, status, retry_after
+        self.cut_after = cut_after  # streamed replies: drop the connection after this many chunks
         self.slow, self.delay, self.reply = slow, delay, reply
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
@@ -91,6 +114,21 @@ class Upstream:
                 self.end_headers()
                 self.wfile.write(raw)
 
+            def _stream(self, reply: dict[str, Any]) -> None:
+                events = [f"data: {json.dumps(c)}\n\n" for c in sse_chunks(reply)] + ["data: [DONE]\n\n"]
+                raw = "".join(events).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                if upstream.cut_after is None:
+                    self.wfile.write(raw)
+                    return
+                # Fewer bytes than announced, then the connection closes: a stream cut mid-way.
+                self.wfile.write("".join(events[: upstream.cut_after]).encode())
+                self.wfile.flush()
+                self.close_connection = True
+
             def do_GET(self) -> None:
                 self._send(200, {"object": "list", "data": [{"id": "big-model", "object": "model"}]})
 
@@ -111,7 +149,10 @@ class Upstream:
                     if n <= upstream.slow:
                         time.sleep(upstream.delay)
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # client gave up
-                        self._send(200, upstream.reply(body))
+                        if body.get("stream"):
+                            self._stream(upstream.reply(body))
+                        else:
+                            self._send(200, upstream.reply(body))
                 finally:
                     with upstream.lock:
                         upstream.active -= 1
@@ -334,3 +375,42 @@ def test_pipeline_with_a_remote_large_and_a_local_small(upstream_factory, tiny_e
         pipe.small_sampling,
     )
     assert result.small.token_ids == expected[0][0].token_ids
+
+
+def test_streamed_requests_report_the_raw_text_as_it_comes(upstream_factory):
+    up = upstream_factory()
+    eng = RemoteEngine(up.url, api_key="")
+    sp = SamplingParams(max_new_tokens=32, stop=(protocol.THINK_CLOSE,), logprobs=True)
+    prompts = [
+        protocol.encode_messages([{"role": "user", "content": q}]) for q in ("What is 2+2?", "Hi there")
+    ]
+    plain = eng.generate(prompts, sp)
+    pieces: dict[int, list[str]] = {}
+    streamed = eng.generate(prompts, sp, on_text=lambda row, text: pieces.setdefault(row, []).append(text))
+    assert up.bodies[-1]["stream"] is True and up.bodies[-1]["stream_options"] == {"include_usage": True}
+    for row, (p, s) in enumerate(zip(plain, streamed, strict=True)):
+        a, b = p[0], s[0]
+        assert (b.text, b.finish_reason, b.num_tokens, b.prompt_tokens, b.logprobs) == (
+            a.text,
+            a.finish_reason,
+            a.num_tokens,
+            a.prompt_tokens,
+            a.logprobs,
+        )
+        assert len(pieces[row]) >= 3 and a.text.startswith("".join(pieces[row]))
+        assert protocol.extract_signal(a.text).text == "".join(pieces[row])
+
+
+def test_a_stream_is_retried_before_its_first_piece_and_not_after(upstream_factory):
+    up = upstream_factory(fail=2, status=503)
+    eng = RemoteEngine(up.url, api_key="", backoff=0.01)
+    prompt = protocol.encode_messages([{"role": "user", "content": "What is 2+2?"}])
+    pieces: list[str] = []
+    (gs,) = eng.generate([prompt], SamplingParams(max_new_tokens=8), on_text=lambda r, t: pieces.append(t))
+    assert len(up.bodies) == 3 and gs[0].text.startswith("".join(pieces)) and pieces  # 2 failures, success
+    cut = upstream_factory(cut_after=3)
+    eng = RemoteEngine(cut.url, api_key="", backoff=0.01)
+    seen: list[str] = []
+    with pytest.raises(RemoteEngineError, match="mid-stream"):
+        eng.generate([prompt], SamplingParams(max_new_tokens=8), on_text=lambda r, t: seen.append(t))
+    assert seen and len(cut.bodies) == 1  # one streamed try: no retry after text went out

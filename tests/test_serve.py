@@ -423,6 +423,11 @@ def test_duet_server_with_a_remote_large_reproduces_the_local_pipeline(large_cli
     }
     assert r.model_extra["duet"]["signal_complete"] == expected.signal.complete
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == expected.answer
+    # M's signal streams across both servers: the role-large server streams its tokens, the remote
+    # engine relays the text as it comes
+    thinking = [ch.choices[0].delta.model_extra.get("reasoning_content") for ch in streamed if ch.choices]
+    assert "".join(t or "" for t in thinking) == expected.signal.text
+    assert sum(1 for t in thinking if t) >= 3
 
 
 # -- upstream failures and a full queue ----------------------------------------------------------------

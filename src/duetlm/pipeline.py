@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from duetlm import protocol
-from duetlm.engines.base import Engine, Generation, SamplingParams, TokenCallback, generate_streaming
+from duetlm.engines.base import Engine, Generation, OutputCallback, SamplingParams, generate_streaming
 from duetlm.errors import DuetError
 from duetlm.protocol import Signal
 
@@ -79,9 +79,10 @@ class DuetPipeline:
             stop_token_ids=tuple(dict.fromkeys(self.large_sampling.stop_token_ids + stop_ids)),
         )
 
-    def think(self, questions: list[str], on_token: TokenCallback | None = None) -> list[list[Generation]]:
+    def think(self, questions: list[str], on_token: OutputCallback | None = None) -> list[list[Generation]]:
         """Stage 1: M's rollouts (n per question, as `large_sampling.n` says). `on_token` streams
-        M's tokens where its engine can (see `engines.base.generate_streaming`)."""
+        M's output where its engine can: token ids, or text from a remote M (see
+        `engines.base.generate_streaming`)."""
         return generate_streaming(self.large, self.think_prompts(questions), self.large_params(), on_token)
 
     def think_prompts(self, questions: list[str]) -> list[str]:
@@ -99,7 +100,7 @@ class DuetPipeline:
         questions: list[str],
         signals: list[str | None],
         n: int | None = None,
-        on_token: TokenCallback | None = None,
+        on_token: OutputCallback | None = None,
     ) -> list[list[Generation]]:
         """Stage 2: m's answers to (x, z); a `None` signal gives m alone (the unguided baseline)."""
         params = self.small_sampling if n is None else replace(self.small_sampling, n=n)

@@ -25,15 +25,14 @@ worker threads, one per local engine, so torch work on an engine is serialised a
 event loop; while m answers one batch, M can think about the next. Admission is bounded: beyond
 `max_queue` requests in the server, a request gets 503 with `Retry-After` at once instead of waiting.
 
-Streaming (SSE) is token by token where the engine streams (`HFEngine`, `ContinuousBatcher`,
-`VLLMEngine`): M's signal as
+Streaming (SSE) is token by token (`HFEngine`, `ContinuousBatcher`, `VLLMEngine`): M's signal as
 `reasoning_content` deltas while M writes it, then m's answer as `content` deltas while m writes it;
 each engine reports its tokens from its worker thread and `streaming.TextDeltas` turns them into text a
 client never has to un-see (whole characters, no trailing whitespace or partial stop string until it is
-certain). The deltas add up to exactly the non-streaming response. An engine that does not stream
-(a remote M) sends its text in one delta when its batch is done. A request whose M fails before its
-first token gets an HTTP error as without streaming; a failure later in the stream is an `error` event.
-A client that disconnects cancels its request (continuous batching drops its row at the next token; a
+certain). The deltas add up to exactly the non-streaming response. A remote M streams text rather than
+tokens (`RemoteEngine(on_text=...)`): its pieces go through the same view. A request whose M fails
+before its first output gets an HTTP error as without streaming; a failure later in the stream is an
+`error` event. A client that disconnects cancels its request (continuous batching drops its row at the next token; a
 windowed batch already running finishes).
 
 `content` is m's answer cut before the first of the request's `stop` strings (OpenAI's rule).
@@ -67,7 +66,7 @@ from starlette.exceptions import HTTPException
 
 from duetlm import protocol
 from duetlm.config import DType, Strict
-from duetlm.engines.base import Engine, Generation, SamplingParams, TokenCallback, generate_streaming
+from duetlm.engines.base import Engine, Generation, OutputCallback, SamplingParams, generate_streaming
 from duetlm.errors import DuetError
 from duetlm.streaming import TextDeltas, answer_text, answer_view
 
@@ -303,8 +302,9 @@ class BatchStats:
         return {"calls": self.calls, "requests": self.requests, "mean_batch": round(mean, 3)}
 
 
-# Called with each token id of one request's generation, from the engine's worker thread.
-TokenSink = Callable[[int], None]
+# Called with each token id (or, from a remote M, each piece of text) of one request's generation, from
+# the engine's worker thread.
+TokenSink = Callable[[Any], None]
 
 
 @dataclass
@@ -320,7 +320,8 @@ class WindowBatcher:
     """Windowed batching for one engine stage.
 
     `run(key, payloads, sinks) -> results` is called in `executor` with up to `max_batch` payloads that
-    share `key` (their sampling options) and each one's token sink (None when it does not stream). A batch opens with the first waiting request and closes after
+    share `key` (their sampling options) and each one's token sink (None when it does not stream).
+    A batch opens with the first waiting request and closes after
     `window_s` or at `max_batch` requests; up to `max_inflight` batches run at once (1 for a local
     engine: its worker thread serialises them anyway).
     """
@@ -485,15 +486,15 @@ class StageKey:
     alone: str | None = None
 
 
-def _rows(sinks: list[TokenSink | None]) -> TokenCallback | None:
+def _rows(sinks: list[TokenSink | None]) -> OutputCallback | None:
     """The engine's `on_token` for a batch: row i's tokens go to sinks[i] (one sample per request)."""
     if not any(sinks):
         return None
 
-    def on_token(row: int, token_id: int) -> None:
+    def on_token(row: int, output: Any) -> None:
         sink = sinks[row]
         if sink is not None:
-            sink(token_id)
+            sink(output)
 
     return on_token
 
@@ -868,7 +869,8 @@ class DuetService:
                     yield f"data: {json.dumps(value.body())}\n\n"
                     return
                 if kind == "large":
-                    delta = {"reasoning_content": signals[i].push(value)}
+                    text = signals[i].push_text(value) if isinstance(value, str) else signals[i].push(value)
+                    delta = {"reasoning_content": text}
                 elif kind == "signal":
                     delta = {"reasoning_content": signals[i].finish(value.signal.text)}
                 elif kind == "small":

@@ -60,6 +60,12 @@ class TextDeltas:
         self._prefix, self._read = self._read, len(self.ids)
         return self._show(self.view(self.raw))
 
+    def push_text(self, text: str) -> str:
+        """Add a piece of raw text (from an engine that streams text, not ids); return what a client
+        may see of it now."""
+        self.raw += text
+        return self._show(self.view(self.raw))
+
     def finish(self, final: str) -> str:
         """The rest of `final`, the complete text of the non-streaming response."""
         if not final.startswith(self.shown):

@@ -13,6 +13,11 @@ FinishReason = Literal["stop", "length"]
 # `prompt_index * n + k` for the k-th sample of a prompt. Every token of a row is reported before the
 # call returns.
 TokenCallback = Callable[[int, int], None]
+# `on_text(row, text)`: the same from an engine that streams text rather than token ids (a remote
+# server): `text` is the next piece of the raw text the generation's `text` will hold.
+TextCallback = Callable[[int, str], None]
+# Either: what `generate_streaming` passes on (an int from a token stream, a str from a text stream).
+OutputCallback = Callable[[int, Any], None]
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,23 @@ def streams_tokens(engine: Any) -> bool:
     return bool(getattr(engine, "streams_tokens", False))
 
 
+def streams_text(engine: Any) -> bool:
+    """True when `engine.generate` takes `on_text` and calls it with pieces of text as they come."""
+    return bool(getattr(engine, "streams_text", False))
+
+
 def generate_streaming(
-    engine: Engine, prompts: list[str], sampling: SamplingParams, on_token: TokenCallback | None = None
+    engine: Engine,
+    prompts: list[str],
+    sampling: SamplingParams,
+    on_output: OutputCallback | None = None,
 ) -> list[list[Generation]]:
-    """`engine.generate`, with `on_token` called per token where the engine streams; an engine that
-    does not (vLLM's offline engine, a remote server) is called plainly and `on_token` is not called:
-    the caller gets the whole generations when they return."""
-    if on_token is not None and streams_tokens(engine):
-        return engine.generate(prompts, sampling, on_token=on_token)  # type: ignore[call-arg]
+    """`engine.generate`, reporting output as it comes: `on_output(row, token_id)` from an engine that
+    streams tokens (`TokenCallback`), `on_output(row, text)` from one that streams text
+    (`TextCallback`: a remote server). An engine that does neither is called plainly and `on_output`
+    is not called: the caller gets the whole generations when they return."""
+    if on_output is not None and streams_tokens(engine):
+        return engine.generate(prompts, sampling, on_token=on_output)  # type: ignore[call-arg]
+    if on_output is not None and streams_text(engine):
+        return engine.generate(prompts, sampling, on_text=on_output)  # type: ignore[call-arg]
     return engine.generate(prompts, sampling)

