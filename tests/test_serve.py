@@ -517,3 +517,50 @@ def test_an_api_key_guards_every_route_but_health(engines):
         assert ok.chat.completions.create(model="duet", messages=[{"role": "user", "content": Q}]).choices
     finally:
         server.__exit__()
+
+
+def test_prometheus_metrics_count_requests_tokens_and_signals(engines):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = start(ServeConfig(large="M", small="m", max_signal_tokens=8, max_answer_tokens=8), *engines)
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        plain = ask(c)
+        chunks = list(ask(c, stream=True, stream_options={"include_usage": True}))
+        assert post(server.url, {"model": "duet"}).status_code == 400
+        c.models.list()
+        scraped = httpx.get(server.url + "/metrics")
+    finally:
+        server.__exit__()
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scraped.text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    route = "/v1/chat/completions"
+    assert value("duetlm_http_requests_total", route=route, status="200") == 2
+    assert value("duetlm_http_requests_total", route=route, status="400") == 1
+    assert value("duetlm_http_requests_total", route="/v1/models", status="200") == 1
+    assert value("duetlm_request_seconds_count", stream="false") == 1
+    assert value("duetlm_request_seconds_count", stream="true") == 1
+    streamed_usage = chunks[-1].usage
+    for model in ("large", "small"):
+        for kind in ("prompt", "completion"):
+            expected = (
+                getattr(plain.usage, model)[f"{kind}_tokens"]
+                + getattr(streamed_usage, model)[f"{kind}_tokens"]
+            )
+            assert value("duetlm_tokens_total", model=model, kind=kind) == expected
+    assert value("duetlm_signal_tokens_count") == 2
+    assert (
+        value("duetlm_signal_tokens_sum") == plain.usage.large["completion_tokens"] * 2
+    )  # same seed, same z
+    if plain.choices[0].message.reasoning_content:  # the stream showed signal text once
+        assert value("duetlm_time_to_first_output_seconds_count", part="signal") == 1
+    assert value("duetlm_requests_in_flight") == 0
+    assert value("duetlm_batch_mean", stage="small") > 0

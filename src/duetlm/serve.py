@@ -1,7 +1,8 @@
 """`duetlm serve`: the two-stage pipeline behind an OpenAI-compatible HTTP API (FastAPI).
 
-Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, and, with `--role large`,
-`POST /tokenize` (vLLM's shape; `RemoteEngine.count_tokens` uses it).
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus; see
+`ServeMetrics`), and, with `--role large`, `POST /tokenize` (vLLM's shape; `RemoteEngine.count_tokens`
+uses it).
 
 Roles.
 - `duet` (default): the last (only) user message is the problem x; M writes the signal z, m answers.
@@ -60,7 +61,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
@@ -469,6 +470,87 @@ class ContinuousStage:
             raise ApiError(503, "the server is shutting down", kind="server_error") from None
 
 
+# -- metrics -----------------------------------------------------------------------------------------
+
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize")
+
+
+class ServeMetrics:
+    """Prometheus metrics of one server (`GET /metrics`), in a registry of its own so that several
+    servers in one process keep theirs apart.
+
+    - `duetlm_http_requests_total{route, status}`: every HTTP answer (unknown routes as "other");
+    - `duetlm_request_seconds{stream}`: a chat completion from arrival to its last byte;
+    - `duetlm_time_to_first_output_seconds{part}`: streams, arrival to the first signal / answer text;
+    - `duetlm_tokens_total{model, kind}`: prompt and completion tokens of M ("large") and m ("small");
+    - `duetlm_signal_tokens`: M's tokens per choice (|z|, what DUET makes short), and
+      `duetlm_signals_total{complete}`: whether M closed its thinking within its cap;
+    - `duetlm_requests_in_flight` and `duetlm_batch_mean{stage}` (requests per engine call, windowed;
+      rows per decode step, continuous).
+    """
+
+    def __init__(self, service: DuetService) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        reg = self.registry = CollectorRegistry()
+        self.http = Counter(
+            "duetlm_http_requests", "HTTP answers by route and status", ["route", "status"], registry=reg
+        )
+        seconds = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+        self.latency = Histogram(
+            "duetlm_request_seconds",
+            "chat completion, arrival to last byte",
+            ["stream"],
+            buckets=seconds,
+            registry=reg,
+        )
+        self.first_output = Histogram(
+            "duetlm_time_to_first_output_seconds",
+            "streamed chat completion, arrival to the first text of the signal or the answer",
+            ["part"],
+            buckets=seconds,
+            registry=reg,
+        )
+        self.tokens = Counter(
+            "duetlm_tokens", "tokens by model (large: M, small: m) and kind", ["model", "kind"], registry=reg
+        )
+        self.signal_tokens = Histogram(
+            "duetlm_signal_tokens",
+            "M's tokens per choice (|z| and its end marker)",
+            buckets=(4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=reg,
+        )
+        self.signals = Counter(
+            "duetlm_signals", "signals by whether M closed its thinking", ["complete"], registry=reg
+        )
+        Gauge("duetlm_requests_in_flight", "requests admitted and not done", registry=reg).set_function(
+            lambda: service.in_flight
+        )
+        batch = Gauge(
+            "duetlm_batch_mean",
+            "mean batch per stage (window: requests/call; continuous: rows/step)",
+            ["stage"],
+            registry=reg,
+        )
+        for stage in service.stages:
+            batch.labels(stage.name).set_function(lambda stage=stage: stage.stats.to_json()["mean_batch"])
+
+    def answered(self, route: str, status: int) -> None:
+        self.http.labels(route if route in ROUTES else "other", str(status)).inc()
+
+    def completed(
+        self, outcomes: list[DuetOutcome], usage: dict[str, Any], seconds: float, stream: bool
+    ) -> None:
+        """A chat completion's figures (`usage` as the response reports it)."""
+        self.latency.labels(str(stream).lower()).observe(seconds)
+        for model in ("large", "small"):
+            for kind in ("prompt", "completion"):
+                self.tokens.labels(model, kind).inc(usage[model][f"{kind}_tokens"])
+        for o in outcomes:
+            self.signal_tokens.observe(o.large.num_tokens)
+            self.signals.labels(str(o.signal.complete).lower()).inc()
+
+
 # -- the service -------------------------------------------------------------------------------------
 
 
@@ -540,6 +622,7 @@ class DuetService:
             if small is not None
             else None
         )
+        self.metrics = ServeMetrics(self)
 
     def _stage(
         self,
@@ -836,6 +919,7 @@ class DuetService:
         events: asyncio.Queue[tuple[int, str, Any]],
         task: asyncio.Task[None],
         first: tuple[int, str, Any],
+        started: float | None = None,
     ) -> AsyncIterator[str]:
         """SSE events: the role, each choice's signal as `reasoning_content` deltas and answer as
         `content` deltas (interleaved across choices as they come), each choice's finish reason, the
@@ -860,6 +944,14 @@ class DuetService:
         signals = [self._deltas(self.large, protocol.partial_signal, think_stops) for _ in range(n)]
         answers = [self._deltas(self.small, answer_view(stop)) for _ in range(n)]
         outcomes: dict[int, DuetOutcome] = {}
+        started = time.perf_counter() if started is None else started
+        firsts: set[str] = set()
+
+        def first_text(part: str) -> None:
+            if part not in firsts:
+                firsts.add(part)
+                self.metrics.first_output.labels(part).observe(time.perf_counter() - started)
+
         for i in range(n):
             yield event(i, {"role": "assistant", "content": ""})
         i, kind, value = first
@@ -879,17 +971,21 @@ class DuetService:
                     outcomes[i] = value
                     content, finish = self.choice_fields(chat, value)
                     if text := answers[i].finish(content):
+                        first_text("answer")
                         yield event(i, {"content": text})
                     yield event(i, {}, finish, **self.extensions(value))
                     if len(outcomes) == n:
                         break
                     delta = {}
                 if next(iter(delta.values()), ""):
+                    first_text("signal" if "reasoning_content" in delta else "answer")
                     yield event(i, delta)
                 i, kind, value = await events.get()
         finally:
             if not task.done():  # the client went away: stop its request
                 task.cancel()
+        done = [outcomes[k] for k in range(n)]
+        usage = self.usage(done)
         if chat.request.stream_options is not None and chat.request.stream_options.include_usage:
             usage_chunk = {
                 "id": cid,
@@ -897,9 +993,12 @@ class DuetService:
                 "created": created,
                 "model": self.cfg.model_name,
                 "choices": [],
-                "usage": self.usage([outcomes[k] for k in range(n)]),
+                "usage": usage,
             }
             yield f"data: {json.dumps(usage_chunk)}\n\n"
+        self.metrics.completed(
+            done, usage, time.perf_counter() - started, stream=True
+        )  # before the client's end
         yield "data: [DONE]\n\n"
 
     def health(self) -> dict[str, Any]:
@@ -1006,8 +1105,22 @@ def create_app(service: DuetService) -> FastAPI:
         }
         return {"object": "list", "data": [entry]}
 
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        # Added after the API-key check, so it wraps it: refused requests are counted too.
+        response = await call_next(request)
+        service.metrics.answered(request.url.path, response.status_code)
+        return response
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
+        started = time.perf_counter()
         chat = parse_chat(await read_json(request, cfg.max_body_bytes), cfg)
         if chat.request.model != cfg.model_name:
             raise ApiError(
@@ -1018,7 +1131,12 @@ def create_app(service: DuetService) -> FastAPI:
             )
         with service.admitted() as keep:
             if not chat.request.stream:
-                return JSONResponse(service.completion(chat, await service.run_all(chat)))
+                outcomes = await service.run_all(chat)
+                body = service.completion(chat, outcomes)
+                service.metrics.completed(
+                    outcomes, body["usage"], time.perf_counter() - started, stream=False
+                )
+                return JSONResponse(body)
             # Streaming: the request runs as a task that releases its slot when done. The response
             # starts with M's first token (or its whole signal, from an engine that does not stream),
             # so a failure before that is still an HTTP error status.
@@ -1033,7 +1151,7 @@ def create_app(service: DuetService) -> FastAPI:
             if first[1] == "error":
                 raise first[2]
             return StreamingResponse(
-                service.stream(chat, events, task, first), media_type="text/event-stream"
+                service.stream(chat, events, task, first, started), media_type="text/event-stream"
             )
 
     if cfg.role == "large":
