@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from duetlm.config import TrainConfig
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +24,48 @@ CORPUS = [
     "A train travels 60 miles in 1.5 hours. What is its average speed in miles per hour?",
     "hmm, wait, let me check again: 6 * 7 = 42, yes. ok so the result is 42.",
 ] * 4
+
+
+def tiny_train_config(
+    tmp_path: Path, large_dir: Path, small_dir: Path, *layers: dict[str, Any], **sections: Any
+) -> TrainConfig:
+    """The trainer tests' DUET `TrainConfig`: 2 prompts × 2 rollouts × 2 answers of m, 8-token outputs of
+    M and 6 of m, 2 steps with a checkpoint each, the run in `tmp_path / "run"`, problems read from
+    `tmp_path / "problems.jsonl"` (unless the test hands them to the trainer).
+
+    Each of `layers` (a dict of sections), then `sections`, overrides it in turn, one level deep: a dict
+    updates the keys of that section (adding the section if it is new), any other value replaces it.
+    """
+    from duetlm.config import TrainConfig, build_config
+
+    data: dict[str, Any] = {
+        "mode": "duet",
+        "seed": 3,
+        "large": {"path": str(large_dir), "device": "cpu"},
+        "small": {"path": str(small_dir), "device": "cpu"},
+        "data": {"source": str(tmp_path / "problems.jsonl")},
+        "rollout": {
+            "batch_size": 2,
+            "n": 2,
+            "n_small": 2,
+            "large": {"max_new_tokens": 8},
+            "small": {"max_new_tokens": 6},
+        },
+        "objective": {"budget": 4, "kl_coef": 0.0, "lambda_step_size": 0.1, "mu_baseline": "per_rollout"},
+        "optim": {"lr_large": 1e-3, "lr_small": 1e-3, "micro_batch_size": 4},
+        "run": {
+            "steps": 2,
+            "dir": str(tmp_path / "run"),
+            "save_every": 1,
+            "grading_workers": 1,
+            "threads": 1,
+        },
+        "logging": {"tensorboard": False, "progress": "off", "sample_every": 1, "val_every": 0},
+    }
+    for layer in (*layers, sections):
+        for key, value in layer.items():
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(TrainConfig, data)
 
 
 @pytest.fixture(scope="session")

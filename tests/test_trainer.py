@@ -17,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_train_config
 from duetlm.checkpoint import COMPLETE, latest_checkpoint, load_state
-from duetlm.config import ConfigError, TrainConfig, build_config, load_config
+from duetlm.config import ConfigError, TrainConfig, load_config
 from duetlm.engines.base import Generation
 from duetlm.errors import DataError, DuetError, ModelLoadError
 from duetlm.logging_utils import read_jsonl
@@ -65,40 +66,6 @@ PROBLEMS = [
 TIMING = ("time/", "throughput/")
 
 
-def tiny_config(tmp_path: Path, large_dir: Path, small_dir: Path, **sections) -> TrainConfig:
-    """A 2-prompt × 2-rollout × 2-answer config with 8-token outputs; `sections` override parts."""
-    data = {
-        "mode": "duet",
-        "seed": 3,
-        "large": {"path": str(large_dir), "device": "cpu"},
-        "small": {"path": str(small_dir), "device": "cpu"},
-        "data": {"source": str(tmp_path / "problems.jsonl")},
-        "rollout": {
-            "batch_size": 2,
-            "n": 2,
-            "n_small": 2,
-            "large": {"max_new_tokens": 8},
-            "small": {"max_new_tokens": 6},
-        },
-        "objective": {"budget": 4, "kl_coef": 0.0, "lambda_step_size": 0.1, "mu_baseline": "per_rollout"},
-        "optim": {"lr_large": 1e-3, "lr_small": 1e-3, "micro_batch_size": 4},
-        "run": {
-            "steps": 2,
-            "dir": str(tmp_path / "run"),
-            "save_every": 1,
-            "grading_workers": 1,
-            "threads": 1,
-        },
-        "logging": {"tensorboard": False, "progress": "off", "sample_every": 1, "val_every": 0},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            data[key] = {**data.get(key, {}), **value}
-        else:
-            data[key] = value
-    return build_config(TrainConfig, data)
-
-
 def write_problems(path: Path, problems: list[Problem] = PROBLEMS) -> Path:
     path.write_text(
         "".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n" for p in problems)
@@ -134,7 +101,7 @@ def reproducible(records: list[dict]) -> list[dict]:
     ],
 )
 def test_mode_and_schedule_run_end_to_end(tmp_path, tiny_dir, tiny_llama_dir, mode, schedule):
-    cfg = tiny_config(
+    cfg = tiny_train_config(
         tmp_path,
         tiny_dir,
         tiny_llama_dir,
@@ -184,7 +151,9 @@ def test_golden_tiny_run(tmp_path, tiny_dir, tiny_llama_dir):
     """Pinned per-step metrics of a seeded tiny DUET run: a silent change anywhere on the training path
     (prompts, engine, grading, rewards, advantages, loss, optimizer, data order) shows here. Step 1 has
     one lucky correct answer of m (1 of 8), so both updates see non-zero advantages."""
-    result = DuetTrainer(tiny_config(tmp_path, tiny_dir, tiny_llama_dir), train_problems=PROBLEMS).train()
+    result = DuetTrainer(
+        tiny_train_config(tmp_path, tiny_dir, tiny_llama_dir), train_problems=PROBLEMS
+    ).train()
     got = metrics_of(result.run_dir)
     pinned = [
         {"tokens/generated": 125.0, "success/guided": 0.125, "success/unguided": 0.0, "lambda/next": 0.1},
@@ -201,7 +170,7 @@ def test_golden_tiny_run(tmp_path, tiny_dir, tiny_llama_dir):
 def test_checkpoint_is_a_normal_hf_directory_and_restores_state(tmp_path, tiny_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = tiny_config(tmp_path, tiny_dir, tiny_llama_dir, logging={"val_every": 2, "tensorboard": True})
+    cfg = tiny_train_config(tmp_path, tiny_dir, tiny_llama_dir, logging={"val_every": 2, "tensorboard": True})
     trainer = DuetTrainer(cfg, train_problems=PROBLEMS[:6], val_problems=PROBLEMS[6:])
     result = trainer.train()
     ckpt = result.checkpoint
@@ -234,7 +203,7 @@ def test_checkpoint_is_a_normal_hf_directory_and_restores_state(tmp_path, tiny_d
 def test_lora_gradient_checkpointing_reference_kl_and_accumulation(tmp_path, tiny_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(
+    cfg = tiny_train_config(
         tmp_path,
         tiny_dir,
         tiny_llama_dir,
@@ -275,7 +244,7 @@ def cli_env() -> dict[str, str]:
 
 
 def write_config(tmp_path: Path, large: Path, small: Path, name: str, **run) -> Path:
-    cfg = tiny_config(tmp_path, large, small, run={"dir": str(tmp_path / name), **run})
+    cfg = tiny_train_config(tmp_path, large, small, run={"dir": str(tmp_path / name), **run})
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
     return path
@@ -349,7 +318,7 @@ def test_sigterm_writes_a_checkpoint_and_exits(tmp_path, tiny_dir, tiny_llama_di
 
 
 def test_empty_signal_is_valid_and_tied_rewards_give_zero_advantages(tmp_path, tiny_dir, tiny_llama_dir):
-    cfg = tiny_config(tmp_path, tiny_dir, tiny_llama_dir, objective={"mu_baseline": "per_prompt"})
+    cfg = tiny_train_config(tmp_path, tiny_dir, tiny_llama_dir, objective={"mu_baseline": "per_prompt"})
     trainer = DuetTrainer(cfg, train_problems=PROBLEMS)
     trainer.setup()
     tok = trainer.policies["large"].tokenizer
@@ -463,7 +432,7 @@ def test_shared_prompt_pass_equals_full_sequences(tiny_dir, autocast):
 def test_consecutive_bad_updates_stop_the_run(tmp_path, tiny_dir, tiny_llama_dir):
     from duetlm.logging_utils import RunLogger
 
-    cfg = tiny_config(tmp_path, tiny_dir, tiny_llama_dir, run={"max_bad_steps": 2})
+    cfg = tiny_train_config(tmp_path, tiny_dir, tiny_llama_dir, run={"max_bad_steps": 2})
     trainer = DuetTrainer(cfg, train_problems=PROBLEMS)
     logger = RunLogger(tmp_path / "log", cfg.logging, total_steps=5, start_step=0, config={})
     try:
@@ -521,14 +490,14 @@ def test_registered_source_prefix(tmp_path):
 )
 def test_bad_config_fails_with_a_clear_message(tmp_path, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        tiny_config(tmp_path, tmp_path, tmp_path, **override)
+        tiny_train_config(tmp_path, tmp_path, tmp_path, **override)
 
 
 def test_missing_model_and_empty_data_fail_before_loading(tmp_path, tiny_dir):
-    cfg = tiny_config(tmp_path, tiny_dir, tmp_path / "no-such-model")
+    cfg = tiny_train_config(tmp_path, tiny_dir, tmp_path / "no-such-model")
     with pytest.raises(ModelLoadError, match="no-such-model"):
         DuetTrainer(cfg, train_problems=PROBLEMS)
-    cfg = tiny_config(tmp_path, tiny_dir, tiny_dir, data={"source": "unit-empty:x"})
+    cfg = tiny_train_config(tmp_path, tiny_dir, tiny_dir, data={"source": "unit-empty:x"})
     register_source("unit-empty", lambda name, split, limit: [])
     with pytest.raises(DataError, match="unit-empty:x.*no problems"):
         DuetTrainer(cfg)
@@ -536,7 +505,7 @@ def test_missing_model_and_empty_data_fail_before_loading(tmp_path, tiny_dir):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")
 def test_enabled_but_missing_logger_fails_fast(tmp_path, tiny_dir):
-    cfg = tiny_config(tmp_path, tiny_dir, tiny_dir, logging={"wandb": True})
+    cfg = tiny_train_config(tmp_path, tiny_dir, tiny_dir, logging={"wandb": True})
     with pytest.raises(ConfigError, match="pip install wandb"):
         DuetTrainer(cfg, train_problems=PROBLEMS)
 

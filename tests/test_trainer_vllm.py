@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from duetlm.config import ConfigError, TrainConfig, build_config
+from conftest import tiny_train_config
+from duetlm.config import ConfigError, TrainConfig
 from duetlm.engines.base import SamplingParams
 from duetlm.problems import Problem
 from test_vllm import TINY_LOGPROB_TOL, _max_diff, _require_vllm, _vivid
@@ -37,44 +38,24 @@ PROBLEMS = [
 ]
 
 
+# What the vLLM run changes in the trainer tests' tiny config (conftest.tiny_train_config).
+VLLM_SECTIONS = {
+    "large": {"dtype": "float32", "engine": "vllm"},
+    "small": {"dtype": "float32"},
+    "data": {"source": "unused"},
+    "rollout": {"vllm": {"max_model_len": 256, "kv_cache_gib": 0.25}},
+    # λ > 0 and L = |z| (re-tokenised signal text, which varies even when every rollout runs to
+    # max_new_tokens): M's rewards differ within a group, so its advantages and gradient are not 0.
+    # η is the config's default (0.01), as this test was written with.
+    "objective": {"lambda_init": 1.0, "lambda_step_size": 0.01, "length_measure": "signal"},
+    "optim": {"lr_large": 1e-2},
+    "logging": {"sample_every": 0},
+}
+
+
 def vllm_config(tmp_path: Path, large_dir: Path, small_dir: Path, **sections) -> TrainConfig:
     """2 prompts × 2 rollouts × 2 answers, 8-token outputs, M rolled out by vLLM."""
-    data = {
-        "mode": "duet",
-        "seed": 3,
-        "large": {"path": str(large_dir), "device": "cpu", "dtype": "float32", "engine": "vllm"},
-        "small": {"path": str(small_dir), "device": "cpu", "dtype": "float32"},
-        "data": {"source": "unused"},
-        "rollout": {
-            "batch_size": 2,
-            "n": 2,
-            "n_small": 2,
-            "large": {"max_new_tokens": 8},
-            "small": {"max_new_tokens": 6},
-            "vllm": {"max_model_len": 256, "kv_cache_gib": 0.25},
-        },
-        # λ > 0 and L = |z| (re-tokenised signal text, which varies even when every rollout runs to
-        # max_new_tokens): M's rewards differ within a group, so its advantages and gradient are not 0.
-        "objective": {
-            "budget": 4,
-            "kl_coef": 0.0,
-            "mu_baseline": "per_rollout",
-            "lambda_init": 1.0,
-            "length_measure": "signal",
-        },
-        "optim": {"lr_large": 1e-2, "lr_small": 1e-3, "micro_batch_size": 4},
-        "run": {
-            "steps": 2,
-            "dir": str(tmp_path / "run"),
-            "save_every": 1,
-            "grading_workers": 1,
-            "threads": 1,
-        },
-        "logging": {"tensorboard": False, "progress": "off", "sample_every": 0, "val_every": 0},
-    }
-    for key, value in sections.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
-    return build_config(TrainConfig, data)
+    return tiny_train_config(tmp_path, large_dir, small_dir, VLLM_SECTIONS, sections)
 
 
 # -------------------------------------------------------------------------------------------------
