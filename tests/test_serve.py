@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import openai
@@ -564,3 +565,23 @@ def test_prometheus_metrics_count_requests_tokens_and_signals(engines):
         assert value("duetlm_time_to_first_output_seconds_count", part="signal") == 1
     assert value("duetlm_requests_in_flight") == 0
     assert value("duetlm_batch_mean", stage="small") > 0
+
+
+def test_logprobs_of_m_answer_streamed_or_not(client, local, engines):
+    r = ask(client, logprobs=True)
+    (expected,) = replace(local, small_sampling=replace(local.small_sampling, logprobs=True)).run([Q])
+    ids = expected.small.token_ids
+    if ids and ids[-1] in engines[1].eos_ids:
+        ids = ids[:-1]
+    entries = r.choices[0].logprobs.content
+    assert [e.logprob for e in entries] == pytest.approx(expected.small.logprobs[: len(ids)], abs=1e-6)
+    assert [e.token for e in entries] == [engines[1].tokenizer.decode([t]) for t in ids]
+    assert all(e.logprob <= 0 and e.top_logprobs == [] for e in entries)
+    chunks = list(ask(client, logprobs=True, stream=True))
+    streamed = [
+        e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content
+    ]
+    assert [e.logprob for e in streamed] == [e.logprob for e in entries]
+    assert ask(client).choices[0].logprobs is None
+    bad = post(str(client.base_url).removesuffix("/v1/"), {**user(), "logprobs": True, "top_logprobs": 2})
+    assert bad.status_code == 400 and "top_logprobs" in bad.json()["error"]["message"]

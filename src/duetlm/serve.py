@@ -10,7 +10,8 @@ Roles.
   tokens and breaks them down under `usage.large` / `usage.small` (`completion_tokens_details.
   reasoning_tokens` = M's tokens). Request options: `max_tokens` caps m's answer; the extension
   `max_signal_tokens` caps M's thinking (default `--max-signal-tokens`); `temperature`, `top_p`,
-  `top_k` and `seed` apply to both models; `stop` to m.
+  `top_k` and `seed` apply to both models; `stop` to m; `n` choices (up to `max_n`); `logprobs` gives
+  m's log-prob of each answer token (no `top_logprobs`).
 - `large`: M alone, with the same API: the conversation is templated by `protocol.large_chat_prompt`
   (thinking on), M stops at the end of thinking, and its thinking is `reasoning_content` (content is
   empty). `max_tokens` caps the thinking. So one duetlm server can be another's remote M
@@ -192,6 +193,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: _StreamOptions | None = None
     logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -278,8 +280,13 @@ def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
         raise ApiError(400, f"messages[{len(messages) - 1}].content is empty", param="messages")
     if not 1 <= req.n <= cfg.max_n:
         raise ApiError(400, f"n must be between 1 and {cfg.max_n} (got {req.n})", param="n")
-    if req.logprobs:
-        raise ApiError(400, "logprobs are not supported by duetlm serve", param="logprobs")
+    if req.top_logprobs:
+        raise ApiError(
+            400,
+            "top_logprobs is not supported: the engines report the sampled tokens' log-probs only "
+            "(send logprobs: true alone)",
+            param="top_logprobs",
+        )
     default = cfg.max_answer_tokens if cfg.role == "duet" else cfg.max_signal_tokens
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -736,7 +743,12 @@ class DuetService:
             task.exception()
 
     def _sampling(
-        self, chat: ParsedChat, max_tokens: int, stop: tuple[str, ...] = (), index: int = 0
+        self,
+        chat: ParsedChat,
+        max_tokens: int,
+        stop: tuple[str, ...] = (),
+        index: int = 0,
+        logprobs: bool = False,
     ) -> SamplingParams:
         """The sampling options of choice `index` (with n > 1 and a seed, choice i samples with seed + i,
         so choice 0 is what the same request with n = 1 gets)."""
@@ -749,6 +761,7 @@ class DuetService:
             max_new_tokens=max_tokens,
             stop=stop,
             seed=seed,
+            logprobs=logprobs,
         )
 
     def _user_stop(self, chat: ParsedChat) -> tuple[str, ...]:
@@ -762,7 +775,7 @@ class DuetService:
             key = _stage_key(self._sampling(chat, signal_cap, index=index))
             payload: Any = chat.question
         else:
-            base = self._sampling(chat, chat.max_tokens, self._user_stop(chat), index)
+            base = self._sampling(chat, chat.max_tokens, self._user_stop(chat), index, chat.request.logprobs)
             key = _stage_key(replace(self.pipeline, large_sampling=base).large_params())
             try:
                 payload = protocol.large_chat_prompt(getattr(self.large, "tokenizer", None), chat.messages)
@@ -781,7 +794,9 @@ class DuetService:
     ) -> DuetOutcome:
         """Stage 2: m's answer to (x, z)."""
         assert self.small_stage is not None
-        key = _stage_key(self._sampling(chat, chat.max_tokens, self._user_stop(chat), index))
+        key = _stage_key(
+            self._sampling(chat, chat.max_tokens, self._user_stop(chat), index, chat.request.logprobs)
+        )
         try:
             payload = (chat.question, outcome.signal.text)
             outcome.small = await self.small_stage.submit(key, payload, on_token)
@@ -850,6 +865,25 @@ class DuetService:
             }
         return {}
 
+    def logprobs(self, chat: ParsedChat, outcome: DuetOutcome) -> dict[str, Any] | None:
+        """OpenAI's `choice.logprobs` when the request asked for them: one entry per token of the
+        choice's text (m's answer; M's thinking for role large), a final end-of-sequence token left
+        out; `logprob` is the model's own log-probability of the sampled token (before temperature and
+        top-k/top-p, as the engines report it); `top_logprobs` is empty (not supported)."""
+        gen = outcome.small if outcome.small is not None else outcome.large
+        if not chat.request.logprobs or gen.logprobs is None:
+            return None
+        engine = self.small if outcome.small is not None else self.large
+        tok = getattr(engine, "tokenizer", None)
+        ids = list(gen.token_ids)
+        if ids and ids[-1] in getattr(engine, "eos_ids", ()):
+            ids = ids[:-1]
+        entries = []
+        for k, (token_id, lp) in enumerate(zip(ids, gen.logprobs, strict=False)):
+            text = tok.decode([token_id], skip_special_tokens=False) if hasattr(tok, "decode") else str(k)
+            entries.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+        return {"content": entries}
+
     def completion(self, chat: ParsedChat, outcomes: list[DuetOutcome]) -> dict[str, Any]:
         choices = []
         for i, outcome in enumerate(outcomes):
@@ -860,7 +894,7 @@ class DuetService:
                     "index": i,
                     "message": message,
                     "finish_reason": finish,
-                    "logprobs": None,
+                    "logprobs": self.logprobs(chat, outcome),
                     **self.extensions(outcome),
                     "duet": _duet_fields(outcome),
                 }
@@ -973,7 +1007,11 @@ class DuetService:
                     if text := answers[i].finish(content):
                         first_text("answer")
                         yield event(i, {"content": text})
-                    yield event(i, {}, finish, **self.extensions(value))
+                    # Log-probs come with the choice's last chunk: the engines report them per
+                    # generation, not per token as it streams.
+                    yield event(
+                        i, {}, finish, **{"logprobs": self.logprobs(chat, value), **self.extensions(value)}
+                    )
                     if len(outcomes) == n:
                         break
                     delta = {}
