@@ -49,8 +49,6 @@ from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import CORPUS  # noqa: E402  (the tiny tokenizer's corpus, as serve_load.py builds it)
 
 
 @dataclass
@@ -67,12 +65,13 @@ def make_trace(tokenizer, n: int, rate: float, max_new: tuple[int, int], seed: i
     """`n` requests with exponential inter-arrival times (mean 1/rate), prompts of varied lengths
     (1-3 corpus sentences, cut at a random point) and `max_new_tokens` uniform in `max_new`."""
     from duetlm.engines.base import SamplingParams
+    from duetlm.models import SAMPLE_CORPUS
 
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(n):
         t += rng.expovariate(rate)
-        text = " ".join(rng.choice(CORPUS) for _ in range(rng.randint(1, 3)))
+        text = " ".join(rng.choice(SAMPLE_CORPUS) for _ in range(rng.randint(1, 3)))
         ids = tokenizer.encode(text, add_special_tokens=False)[: rng.randint(4, 120)]
         sp = SamplingParams(temperature=0.0, max_new_tokens=rng.randint(*max_new))
         out.append(Request(t, ids, sp))
@@ -187,11 +186,11 @@ def summarise(trace: list[Request]) -> dict[str, float]:
 def build_model(spec: str, shape: str, folder: Path, device: str, dtype: str):
     """An `HFEngine` over `spec`; `tiny` is a random Qwen3 of `shape` (hidden,layers,heads[,kv,ffn])."""
     from duetlm.engines.hf import HFEngine
-    from duetlm.models import load_model, save_pretrained, tiny_model, train_tokenizer
+    from duetlm.models import SAMPLE_CORPUS, load_model, save_pretrained, tiny_model, train_tokenizer
 
     if spec == "tiny":
         hidden, layers, heads, *rest = (int(x) for x in shape.split(","))
-        tok = train_tokenizer(CORPUS, vocab_size=320)
+        tok = train_tokenizer(SAMPLE_CORPUS, vocab_size=320)
         model = tiny_model(
             tok,
             arch="qwen3",

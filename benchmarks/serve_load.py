@@ -36,20 +36,12 @@ from pathlib import Path
 
 import httpx
 
-CORPUS = [
-    "What is 12 + 7? Let's think step by step and output the final answer within \\boxed{}.",
-    "First add the ones: 2 + 7 = 9. Then the tens: 10. So the answer is \\boxed{19}.",
-    "Compute 3 * (4 + 5). The sum is 9, times 3 gives 27. The answer is 27.",
-    "A train travels 60 miles in 1.5 hours. What is its average speed in miles per hour?",
-    "hmm, wait, let me check again: 6 * 7 = 42, yes. ok so the result is 42.",
-] * 4
-
 
 def tiny_models(root: Path) -> tuple[str, str]:
     """A tiny M (Qwen3, 4 layers, hidden 128) and m (Llama, 2 layers, hidden 64), saved under `root`."""
-    from duetlm.models import save_pretrained, tiny_model, train_tokenizer
+    from duetlm.models import SAMPLE_CORPUS, save_pretrained, tiny_model, train_tokenizer
 
-    tok = train_tokenizer(CORPUS, vocab_size=320)
+    tok = train_tokenizer(SAMPLE_CORPUS, vocab_size=320)
     large = tiny_model(tok, arch="qwen3", hidden_size=128, num_layers=4, num_heads=4, seed=1)
     small = tiny_model(tok, arch="llama", hidden_size=64, num_layers=2, num_heads=2, seed=2)
     return str(save_pretrained(large, tok, root / "M")), str(save_pretrained(small, tok, root / "m"))

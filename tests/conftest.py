@@ -17,14 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-CORPUS = [
-    "What is 12 + 7? Let's think step by step and output the final answer within \\boxed{}.",
-    "First add the ones: 2 + 7 = 9. Then the tens: 10. So the answer is \\boxed{19}.",
-    "Compute 3 * (4 + 5). The sum is 9, times 3 gives 27. The answer is 27.",
-    "A train travels 60 miles in 1.5 hours. What is its average speed in miles per hour?",
-    "hmm, wait, let me check again: 6 * 7 = 42, yes. ok so the result is 42.",
-] * 4
-
 
 def tiny_train_config(
     tmp_path: Path, large_dir: Path, small_dir: Path, *layers: dict[str, Any], **sections: Any
@@ -70,9 +62,9 @@ def tiny_train_config(
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from duetlm.models import train_tokenizer
+    from duetlm.models import SAMPLE_CORPUS, train_tokenizer
 
-    return train_tokenizer(CORPUS, vocab_size=320)
+    return train_tokenizer(SAMPLE_CORPUS, vocab_size=320)
 
 
 @pytest.fixture(scope="session")

@@ -192,6 +192,18 @@ def load_model(
 # --------------------------------------------------------------------------------------------------
 # Tiny models from scratch
 
+# The text the tiny tokenizers of the tests and benchmarks are trained on (`train_tokenizer(SAMPLE_CORPUS,
+# vocab_size=320)`; benchmarks/continuous.py also draws its prompts from it): five sentences of
+# arithmetic, thinking and a \boxed{} answer, four times each. Changing a string (or the repeat) changes
+# those tokenizers, hence every seeded output the tests pin.
+SAMPLE_CORPUS: tuple[str, ...] = (
+    "What is 12 + 7? Let's think step by step and output the final answer within \\boxed{}.",
+    "First add the ones: 2 + 7 = 9. Then the tens: 10. So the answer is \\boxed{19}.",
+    "Compute 3 * (4 + 5). The sum is 9, times 3 gives 27. The answer is 27.",
+    "A train travels 60 miles in 1.5 hours. What is its average speed in miles per hour?",
+    "hmm, wait, let me check again: 6 * 7 = 42, yes. ok so the result is 42.",
+) * 4
+
 
 def train_tokenizer(
     corpus: Iterable[str],
