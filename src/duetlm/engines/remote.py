@@ -215,6 +215,25 @@ class RemoteEngine:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
+    def _wait(self, attempt: int, retry_after: float | None = None) -> None:
+        """Sleep before retrying after failed try `attempt` (0-based): `backoff_delay`, or the server's
+        Retry-After."""
+        time.sleep(backoff_delay(attempt, self.backoff, self.max_backoff, retry_after))
+
+    def _transport_failed(
+        self, err: httpx.TransportError, where: str, attempt: int, *, final: bool, mid_stream: bool = False
+    ) -> None:
+        """After a transport error (connection refused/reset, timeouts) on try `attempt`: raise it as a
+        `RemoteEngineError` when `final` (saying whether it broke a stream mid-way or how many tries
+        were made), else wait the backoff delay for the caller to retry."""
+        if final:
+            raise RemoteEngineError(
+                f"remote model at {where}: {type(err).__name__}: {err or 'no detail'} "
+                f"({'mid-stream' if mid_stream else f'after {attempt + 1} attempts'})",
+                where,
+            ) from err
+        self._wait(attempt)
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One API call with retries; the decoded JSON answer."""
         where = path if "://" in path else f"{self.url}{path}"
@@ -223,13 +242,7 @@ class RemoteEngine:
             try:
                 response = self._client.request(method, path, json=body)
             except httpx.TransportError as err:  # connection refused/reset, timeouts
-                if last:
-                    raise RemoteEngineError(
-                        f"remote model at {where}: {type(err).__name__}: {err or 'no detail'} "
-                        f"(after {attempt + 1} attempts)",
-                        where,
-                    ) from err
-                time.sleep(backoff_delay(attempt, self.backoff, self.max_backoff))
+                self._transport_failed(err, where, attempt, final=last)
                 continue
             if response.status_code < 400:
                 try:
@@ -241,7 +254,7 @@ class RemoteEngine:
                         response.status_code,
                     ) from err
             if response.status_code in RETRY_STATUS and not last:
-                time.sleep(backoff_delay(attempt, self.backoff, self.max_backoff, _retry_after(response)))
+                self._wait(attempt, _retry_after(response))
                 continue
             raise _status_error(where, response, attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
@@ -262,23 +275,16 @@ class RemoteEngine:
                     if response.status_code >= 400:
                         response.read()
                         if response.status_code in RETRY_STATUS and not last:
-                            delay = backoff_delay(
-                                attempt, self.backoff, self.max_backoff, _retry_after(response)
-                            )
-                            time.sleep(delay)
+                            self._wait(attempt, _retry_after(response))
                             continue
                         raise _status_error(where, response, attempt)
                     for line in response.iter_lines():
                         if line.startswith("data:") and state.add(line[5:].strip(), where):
                             break
             except httpx.TransportError as err:
-                if state.emitted or last:
-                    raise RemoteEngineError(
-                        f"remote model at {where}: {type(err).__name__}: {err or 'no detail'} "
-                        f"({'mid-stream' if state.emitted else f'after {attempt + 1} attempts'})",
-                        where,
-                    ) from err
-                time.sleep(backoff_delay(attempt, self.backoff, self.max_backoff))
+                self._transport_failed(
+                    err, where, attempt, final=state.emitted or last, mid_stream=state.emitted
+                )
                 continue
             return state.generation(index, sp, where)
         raise AssertionError("unreachable")  # the loop returns or raises
