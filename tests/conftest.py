@@ -10,12 +10,38 @@ import pytest
 
 if TYPE_CHECKING:
     from duetlm.config import TrainConfig
+    from duetlm.problems import Problem
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+# Ten real problems with numeric answers (written here, not copied from a dataset).
+ARITHMETIC = [
+    ("What is 2 + 3?", "5"),
+    ("What is 7 * 6?", "42"),
+    ("What is 10 - 4?", "6"),
+    ("What is 9 + 9?", "18"),
+    ("What is 12 / 4?", "3"),
+    ("What is 5 * 5?", "25"),
+    ("What is 100 - 1?", "99"),
+    ("What is 8 + 13?", "21"),
+    ("What is 3 * 11?", "33"),
+    ("What is 64 / 8?", "8"),
+]
+
+
+def arithmetic_problems(n: int = len(ARITHMETIC), prefix: str = "t") -> list[Problem]:
+    """The first `n` of `ARITHMETIC` as `Problem`s with ids `{prefix}0`, `{prefix}1`, ... (source "test")."""
+    from duetlm.problems import Problem
+
+    return [
+        Problem(id=f"{prefix}{i}", question=q, answer=a, source="test")
+        for i, (q, a) in enumerate(ARITHMETIC[:n])
+    ]
 
 
 def tiny_train_config(

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_train_config
+from conftest import arithmetic_problems, tiny_train_config
 from duetlm.checkpoint import COMPLETE, latest_checkpoint, load_state
 from duetlm.config import ConfigError, TrainConfig, load_config
 from duetlm.engines.base import Generation
@@ -43,24 +43,7 @@ from duetlm.trainer import (
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Ten real problems with numeric answers (written here, not copied from a dataset).
-PROBLEMS = [
-    Problem(id=f"t{i}", question=q, answer=a, source="test")
-    for i, (q, a) in enumerate(
-        [
-            ("What is 2 + 3?", "5"),
-            ("What is 7 * 6?", "42"),
-            ("What is 10 - 4?", "6"),
-            ("What is 9 + 9?", "18"),
-            ("What is 12 / 4?", "3"),
-            ("What is 5 * 5?", "25"),
-            ("What is 100 - 1?", "99"),
-            ("What is 8 + 13?", "21"),
-            ("What is 3 * 11?", "33"),
-            ("What is 64 / 8?", "8"),
-        ]
-    )
-]
+PROBLEMS = arithmetic_problems(10, prefix="t")
 
 # Keys whose values are wall-clock measurements (everything else must be reproducible).
 TIMING = ("time/", "throughput/")

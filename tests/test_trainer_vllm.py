@@ -17,25 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_train_config
+from conftest import arithmetic_problems, tiny_train_config
 from duetlm.config import ConfigError, TrainConfig
 from duetlm.engines.base import SamplingParams
-from duetlm.problems import Problem
 from test_vllm import TINY_LOGPROB_TOL, _max_diff, _require_vllm, _vivid
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-PROBLEMS = [
-    Problem(id=f"v{i}", question=q, answer=a, source="test")
-    for i, (q, a) in enumerate(
-        [
-            ("What is 2 + 3?", "5"),
-            ("What is 7 * 6?", "42"),
-            ("What is 10 - 4?", "6"),
-            ("What is 9 + 9?", "18"),
-        ]
-    )
-]
+PROBLEMS = arithmetic_problems(4, prefix="v")
 
 
 # What the vLLM run changes in the trainer tests' tiny config (conftest.tiny_train_config).
