@@ -285,7 +285,8 @@ class VLLMEngine:
         for i, (request, sp) in enumerate(zip(requests, params, strict=True)):
             sp.output_kind = cumulative
             # Outputs and aborts name a request by the id given here (add_request returns vLLM's
-            # internal id, which differs).
+            # internal id, which differs). Not `LLM.enqueue`: it forces FINAL_ONLY outputs. vLLM 0.32
+            # logs that raw prompts here are deprecated (in favour of its Renderer): revisit on upgrade.
             rid = f"duetlm-{time.monotonic_ns()}-{i}"
             engine.add_request(rid, request, sp)
             index[rid] = i
