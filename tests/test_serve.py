@@ -585,3 +585,20 @@ def test_logprobs_of_m_answer_streamed_or_not(client, local, engines):
     assert ask(client).choices[0].logprobs is None
     bad = post(str(client.base_url).removesuffix("/v1/"), {**user(), "logprobs": True, "top_logprobs": 2})
     assert bad.status_code == 400 and "top_logprobs" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("batching", ["continuous", "window"])
+def test_an_over_long_question_is_a_400_naming_the_limit(engines, batching):
+    server = start(ServeConfig(large="M", small="m", batching=batching), *engines)
+    try:
+        # ~1,500 tokens of the tiny vocabulary: more than the tiny M's 1,024 positions
+        r = post(server.url, user("What is 12 + 7? " * 300))
+        in_flight = httpx.get(server.url + "/health").json()["in_flight"]
+    finally:
+        server.__exit__()
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert (
+        "the large model cannot take this request" in message and "max_position_embeddings (1024)" in message
+    )
+    assert in_flight == 0

@@ -341,6 +341,8 @@ class WindowBatcher:
     window_s: float
     max_inflight: int = 1
     stats: BatchStats = field(default_factory=BatchStats)
+    # Called with (key, payload) before a request is queued; raises ApiError for one that cannot run.
+    check: Callable[[Hashable, Any], None] | None = None
 
     def start(self) -> None:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -358,6 +360,8 @@ class WindowBatcher:
                 item.future.set_exception(ApiError(503, "the server is shutting down", kind="server_error"))
 
     async def submit(self, key: Hashable, payload: Any, on_token: TokenSink | None = None) -> Any:
+        if self.check is not None:
+            self.check(key, payload)
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(key, payload, future, on_token))
         return await future
@@ -649,7 +653,19 @@ class DuetService:
 
                 self._continuous[id(engine)] = ContinuousBatcher(engine, max_batch=self.cfg.max_batch)
             return ContinuousStage(name, prepare, self._continuous[id(engine)])
-        return self._batcher(name, run, engine, window)
+        batcher = self._batcher(name, run, engine, window)
+        if isinstance(engine, HFEngine):  # a request that does not fit the model is a 400 before it waits
+            batcher.check = lambda key, payload: self._check_fits(name, engine, *prepare(key, payload))
+        return batcher
+
+    @staticmethod
+    def _check_fits(name: str, engine: Any, prompt_ids: list[int], params: SamplingParams) -> None:
+        from duetlm.engines.hf import check_fits
+
+        try:
+            check_fits(engine.model, len(prompt_ids), params.max_new_tokens)
+        except ValueError as err:
+            raise ApiError(400, f"the {name} model cannot take this request: {err}") from None
 
     def _batcher(
         self, name: str, run: Callable[..., list[Any]], engine: Engine, window: float

@@ -31,7 +31,15 @@ from typing import Any
 import torch
 
 from duetlm.engines.base import FinishReason, Generation, SamplingParams
-from duetlm.engines.hf import HFEngine, _cache_kwarg, _filter_logits, forward_last, stop_string_hit, text_ids
+from duetlm.engines.hf import (
+    HFEngine,
+    _cache_kwarg,
+    _filter_logits,
+    check_fits,
+    forward_last,
+    stop_string_hit,
+    text_ids,
+)
 
 
 class BatcherClosed(RuntimeError):
@@ -138,8 +146,6 @@ class ContinuousBatcher:
         self.max_batch = max_batch
         self.stats = BatcherStats()
         self._config = self.model.config
-        text_config = self._config.get_text_config(decoder=True)
-        self._max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
         self._vocab = int(self.model.get_input_embeddings().num_embeddings)
         # Merging and trimming caches assume every layer keeps all columns; a sliding-window layer
         # keeps only its window, so its columns would not line up with the attention mask.
@@ -183,12 +189,7 @@ class ContinuousBatcher:
         bad = [t for t in prompt if not 0 <= t < self._vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self._vocab})")
-        total = len(prompt) + sampling.max_new_tokens
-        if self._max_positions is not None and total > self._max_positions:
-            raise ValueError(
-                f"prompt of {len(prompt)} tokens + max_new_tokens {sampling.max_new_tokens} = {total} "
-                f"exceeds the model's max_position_embeddings ({self._max_positions})"
-            )
+        check_fits(self.model, len(prompt), sampling.max_new_tokens)
         future: Future[Generation] = Future()
         req = _Request(prompt, sampling, on_token, future, self.engine.eos_ids | set(sampling.stop_token_ids))
         if sampling.seed is not None and sampling.temperature > 0:

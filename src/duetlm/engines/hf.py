@@ -67,6 +67,22 @@ def stop_string_hit(tokenizer: Any, tokens: list[int], stop: tuple[str, ...]) ->
     return any(s in tail for s in stop)
 
 
+def max_positions(model: Any) -> int | None:
+    """The model's context length (`max_position_embeddings` of its text config), if it has one."""
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_fits(model: Any, prompt_len: int, max_new_tokens: int) -> None:
+    """ValueError, naming the lengths, when prompt + max_new_tokens exceed the model's positions."""
+    limit, total = max_positions(model), prompt_len + max_new_tokens
+    if limit is not None and total > limit:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {total} "
+            f"exceeds the model's max_position_embeddings ({limit})"
+        )
+
+
 def text_ids(ids: list[int], eos_ids: frozenset[int]) -> list[int]:
     """The ids a generation's `text` decodes: all but a final end-of-sequence token."""
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
