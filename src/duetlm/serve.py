@@ -69,6 +69,7 @@ from starlette.exceptions import HTTPException
 from duetlm import protocol
 from duetlm.config import DType, Strict
 from duetlm.engines.base import Engine, Generation, OutputCallback, SamplingParams, generate_streaming
+from duetlm.engines.hf import text_ids
 from duetlm.errors import DuetError
 from duetlm.streaming import TextDeltas, answer_text, answer_view
 
@@ -822,22 +823,41 @@ class DuetService:
             raise _upstream_error(err) from err
         return outcome
 
-    async def run(self, chat: ParsedChat, index: int = 0) -> DuetOutcome:
-        """Choice `index` of a request: M's pass, then m's (role duet)."""
-        outcome = await self.think(chat, index=index)
+    async def run(
+        self, chat: ParsedChat, index: int = 0, events: asyncio.Queue[tuple[int, str, Any]] | None = None
+    ) -> DuetOutcome:
+        """Choice `index` of a request: M's pass, then m's (role duet). With `events` (a stream), its
+        progress goes there as (index, kind, value), in order: ("large", token id or text)*,
+        ("signal", outcome), ("small", token id)*, ("done", outcome)."""
+        loop = asyncio.get_running_loop()
+
+        def sink(kind: str) -> TokenSink | None:
+            if events is None:
+                return None
+            # From the engine's worker thread: hand each output to the event loop, in order (the batch's
+            # result is set after its tokens, through the same loop, so it cannot overtake them).
+            return lambda output: loop.call_soon_threadsafe(events.put_nowait, (index, kind, output))
+
+        outcome = await self.think(chat, sink("large"), index)
+        if events is not None:
+            events.put_nowait((index, "signal", outcome))
         if self.cfg.role == "duet":
-            outcome = await self.answer(chat, outcome, index=index)
+            outcome = await self.answer(chat, outcome, sink("small"), index)
+        if events is not None:
+            events.put_nowait((index, "done", outcome))
         return outcome
 
-    async def run_all(self, chat: ParsedChat) -> list[DuetOutcome]:
+    async def run_all(
+        self, chat: ParsedChat, events: asyncio.Queue[tuple[int, str, Any]] | None = None
+    ) -> list[DuetOutcome]:
         """The request's n choices, concurrently (they batch with each other); the first failure
-        cancels the rest."""
+        cancels the rest and is raised."""
         if chat.request.n == 1:
-            return [await self.run(chat)]
+            return [await self.run(chat, 0, events)]
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self.run(chat, i)) for i in range(chat.request.n)]
-        except* ApiError as errors:
+                tasks = [group.create_task(self.run(chat, i, events)) for i in range(chat.request.n)]
+        except* Exception as errors:
             raise errors.exceptions[0] from None
         return [t.result() for t in tasks]
 
@@ -891,9 +911,7 @@ class DuetService:
             return None
         engine = self.small if outcome.small is not None else self.large
         tok = getattr(engine, "tokenizer", None)
-        ids = list(gen.token_ids)
-        if ids and ids[-1] in getattr(engine, "eos_ids", ()):
-            ids = ids[:-1]
+        ids = text_ids(list(gen.token_ids), frozenset(getattr(engine, "eos_ids", ())))
         entries = []
         for k, (token_id, lp) in enumerate(zip(ids, gen.logprobs, strict=False)):
             text = tok.decode([token_id], skip_special_tokens=False) if hasattr(tok, "decode") else str(k)
@@ -926,36 +944,20 @@ class DuetService:
         }
 
     def open_stream(self, chat: ParsedChat) -> tuple[asyncio.Queue[tuple[int, str, Any]], asyncio.Task[None]]:
-        """Start a streamed request: a task runs its n choices (M then m each) and puts events on the
-        queue, as (choice, kind, value), in order per choice: ("large", token id)*, ("signal", outcome),
-        ("small", token id)*, ("done", outcome); or ("error", ApiError) at any point, after which
-        the other choices are cancelled. Token events come only from engines that stream."""
-        loop = asyncio.get_running_loop()
+        """Start a streamed request: a task runs its n choices (`run_all` with an event queue) and
+        ends the queue with ("error", ApiError) if one fails. Token events come only from engines that
+        stream."""
         events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
-
-        def sink(index: int, kind: str) -> TokenSink:
-            # From the engine's worker thread: hand each token to the event loop, in order (the batch's
-            # result is set after its tokens, through the same loop, so "done" cannot overtake them).
-            return lambda token_id: loop.call_soon_threadsafe(events.put_nowait, (index, kind, token_id))
-
-        async def one(i: int) -> None:
-            outcome = await self.think(chat, sink(i, "large"), i)
-            events.put_nowait((i, "signal", outcome))
-            if self.cfg.role == "duet":
-                outcome = await self.answer(chat, outcome, sink(i, "small"), i)
-            events.put_nowait((i, "done", outcome))
 
         async def run() -> None:
             try:
-                async with asyncio.TaskGroup() as group:
-                    for i in range(chat.request.n):
-                        group.create_task(one(i))
-            except* ApiError as errors:
-                events.put_nowait((0, "error", errors.exceptions[0]))
-            except* Exception as errors:  # a stream must end with an event, whatever broke
-                events.put_nowait((0, "error", _upstream_error(errors.exceptions[0])))
+                await self.run_all(chat, events)
+            except ApiError as err:
+                events.put_nowait((0, "error", err))
+            except Exception as err:  # a stream must end with an event, whatever broke
+                events.put_nowait((0, "error", _upstream_error(err)))
 
-        return events, loop.create_task(run())
+        return events, asyncio.get_running_loop().create_task(run())
 
     def _deltas(
         self, engine: Engine | None, view: Callable[[str], str], extra: tuple[int, ...] = ()
@@ -969,7 +971,7 @@ class DuetService:
         events: asyncio.Queue[tuple[int, str, Any]],
         task: asyncio.Task[None],
         first: tuple[int, str, Any],
-        started: float | None = None,
+        started: float,
     ) -> AsyncIterator[str]:
         """SSE events: the role, each choice's signal as `reasoning_content` deltas and answer as
         `content` deltas (interleaved across choices as they come), each choice's finish reason, the
@@ -994,7 +996,6 @@ class DuetService:
         signals = [self._deltas(self.large, protocol.partial_signal, think_stops) for _ in range(n)]
         answers = [self._deltas(self.small, answer_view(stop)) for _ in range(n)]
         outcomes: dict[int, DuetOutcome] = {}
-        started = time.perf_counter() if started is None else started
         firsts: set[str] = set()
 
         def first_text(part: str) -> None:
@@ -1050,9 +1051,8 @@ class DuetService:
                 "usage": usage,
             }
             yield f"data: {json.dumps(usage_chunk)}\n\n"
-        self.metrics.completed(
-            done, usage, time.perf_counter() - started, stream=True
-        )  # before the client's end
+        # Recorded before [DONE]: a client that reads the end and then scrapes /metrics sees it.
+        self.metrics.completed(done, usage, time.perf_counter() - started, stream=True)
         yield "data: [DONE]\n\n"
 
     def health(self) -> dict[str, Any]:

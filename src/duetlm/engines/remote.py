@@ -350,20 +350,19 @@ class RemoteEngine:
                 f"usage.completion_tokens are required): {str(data)[:200]}",
                 where,
             ) from err
-        finish = choice.get("finish_reason")
-        stop_reason = choice.get("stop_reason", choice.get("matched_stop", _ABSENT))
         logprobs = None
         if sp.logprobs and choice.get("logprobs"):
-            logprobs = [float(t["logprob"]) for t in choice["logprobs"].get("content") or []]
-        reason: FinishReason = "length" if finish == "length" else "stop"
-        return RemoteGeneration(
-            prompt_index=index,
-            token_ids=[int(t) for t in choice.get("token_ids") or []],
-            text=response_text(message, finish, stop_reason, sp.stop),
-            finish_reason=reason,
-            logprobs=logprobs,
-            completion_tokens=completion_tokens,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            logprobs = _token_logprobs(choice)
+        return _remote_generation(
+            index,
+            sp,
+            message,
+            choice.get("finish_reason"),
+            choice.get("stop_reason", choice.get("matched_stop", _ABSENT)),
+            [int(t) for t in choice.get("token_ids") or []],
+            logprobs,
+            completion_tokens,
+            int(usage.get("prompt_tokens") or 0),
         )
 
     def generate(
@@ -402,6 +401,36 @@ class RemoteEngine:
         if "count" not in data:
             raise RemoteEngineError(f"{root}/tokenize did not return a token count", root)
         return int(data["count"])
+
+
+def _token_logprobs(choice: dict[str, Any]) -> list[float]:
+    """The sampled tokens' log-probs of a choice (or of a streamed chunk's choice)."""
+    return [float(t["logprob"]) for t in choice["logprobs"].get("content") or []]
+
+
+def _remote_generation(
+    index: int,
+    sp: SamplingParams,
+    message: dict[str, Any],
+    finish: str | None,
+    stop_reason: Any,
+    token_ids: list[int],
+    logprobs: list[float] | None,
+    completion_tokens: int,
+    prompt_tokens: int,
+) -> RemoteGeneration:
+    """One sample from what a server said, whole or streamed: the raw text rebuilt by
+    `response_text`, the finish reason as the engines name it."""
+    reason: FinishReason = "length" if finish == "length" else "stop"
+    return RemoteGeneration(
+        prompt_index=index,
+        token_ids=token_ids,
+        text=response_text(message, finish, stop_reason, sp.stop),
+        finish_reason=reason,
+        logprobs=logprobs,
+        completion_tokens=completion_tokens,
+        prompt_tokens=prompt_tokens,
+    )
 
 
 def _status_error(where: str, response: httpx.Response, attempt: int) -> RemoteEngineError:
@@ -478,7 +507,7 @@ class _StreamState:
             if choice.get("token_ids"):
                 self.token_ids = [int(t) for t in choice["token_ids"]]
             if choice.get("logprobs"):
-                self.logprobs += [float(t["logprob"]) for t in choice["logprobs"].get("content") or []]
+                self.logprobs += _token_logprobs(choice)
         return False
 
     def generation(self, index: int, sp: SamplingParams, where: str) -> RemoteGeneration:
@@ -488,16 +517,16 @@ class _StreamState:
                 "include_usage supported?) and no token_ids",
                 where,
             )
-        message = {"content": self.content, "reasoning_content": self.reasoning}
-        reason: FinishReason = "length" if self.finish == "length" else "stop"
-        return RemoteGeneration(
-            prompt_index=index,
-            token_ids=self.token_ids,
-            text=response_text(message, self.finish, self.stop_reason, sp.stop),
-            finish_reason=reason,
-            logprobs=self.logprobs if sp.logprobs and self.logprobs else None,
-            completion_tokens=int(self.usage.get("completion_tokens") or len(self.token_ids)),
-            prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
+        return _remote_generation(
+            index,
+            sp,
+            {"content": self.content, "reasoning_content": self.reasoning},
+            self.finish,
+            self.stop_reason,
+            self.token_ids,
+            self.logprobs if sp.logprobs and self.logprobs else None,
+            int(self.usage.get("completion_tokens") or len(self.token_ids)),
+            int(self.usage.get("prompt_tokens") or 0),
         )
 
 

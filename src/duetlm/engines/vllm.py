@@ -40,7 +40,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from duetlm.engines.base import Generation, SamplingParams, TokenCallback
-from duetlm.engines.hf import EngineStats
+from duetlm.engines.hf import EngineStats, text_ids
 from duetlm.errors import DuetError
 from duetlm.models import load_tokenizer, resolve_dtype, resolve_model_path
 
@@ -322,11 +322,10 @@ class VLLMEngine:
         if logprobs:
             # One dict per generated token, holding at least the sampled token's entry.
             lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids, strict=True)]
-        text_ids = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
         return Generation(
             prompt_index=prompt_index,
             token_ids=ids,
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
+            text=self.tokenizer.decode(text_ids(ids, self.eos_ids), skip_special_tokens=False),
             finish_reason=c.finish_reason,
             prompt_token_ids=prompt_ids,
             logprobs=lps,
