@@ -246,8 +246,8 @@ class VLLMEngine:
     ) -> list[list[Generation]]:
         """Like `generate`, from token ids (the trainer and the truncation baseline use ids).
 
-        With `on_token`, the requests go through vLLM's engine step by step (`LLMEngine.add_request`
-        and `step`, cumulative outputs) and each new token is reported as it comes: the same requests,
+        With `on_token`, the requests go through vLLM's engine step by step (rendered by its
+        `Renderer`, then `LLMEngine.add_request` and `step`, cumulative outputs) and each new token is reported as it comes: the same requests,
         parameters and seeds as `LLM.generate`, so the same samples.
         """
         start = time.perf_counter()
@@ -282,11 +282,14 @@ class VLLMEngine:
         engine = self.llm.llm_engine
         cumulative = self._vllm.sampling_params.RequestOutputKind.CUMULATIVE
         index: dict[str, int] = {}
-        for i, (request, sp) in enumerate(zip(requests, params, strict=True)):
+        # vLLM >= 0.32 wants rendered inputs here (raw prompts are deprecated in `add_request`); its
+        # `Renderer.render_cmpl` is what `LLM.generate` itself uses, so the inputs are the same.
+        renderer = getattr(engine, "renderer", None)
+        inputs = renderer.render_cmpl(requests) if hasattr(renderer, "render_cmpl") else requests
+        for i, (request, sp) in enumerate(zip(inputs, params, strict=True)):
             sp.output_kind = cumulative
             # Outputs and aborts name a request by the id given here (add_request returns vLLM's
-            # internal id, which differs). Not `LLM.enqueue`: it forces FINAL_ONLY outputs. vLLM 0.32
-            # logs that raw prompts here are deprecated (in favour of its Renderer): revisit on upgrade.
+            # internal id, which differs). Not `LLM.enqueue`: it forces FINAL_ONLY outputs.
             rid = f"duetlm-{time.monotonic_ns()}-{i}"
             engine.add_request(rid, request, sp)
             index[rid] = i
