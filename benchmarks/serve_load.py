@@ -216,7 +216,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--window-ms", type=float, default=5.0)
-    parser.add_argument("--modes", default="continuous,window,off", help="of continuous, window, off")
+    parser.add_argument(
+        "--modes",
+        default="continuous,window,off",
+        help="of continuous, bulk, window, off (bulk: continuous, "
+        "new requests admitted per --admit-ratio / --admit-max-wait)",
+    )
+    parser.add_argument(
+        "--admit-ratio", type=float, default=1.0, help="bulk: join once waiting >= r x running"
+    )
+    parser.add_argument("--admit-max-wait", type=int, default=16, help="bulk: ... or after this many steps")
     parser.add_argument("--signal-tokens", type=int, default=32, help="M's thinking cap")
     parser.add_argument("--answer-tokens", type=int, default=32, help="m's answer cap")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
@@ -238,6 +247,13 @@ def main() -> None:
     batch = ["--max-batch", str(args.max_batch)]
     all_modes = {
         "continuous": (f"continuous (B={args.max_batch})", common + batch + ["--batching", "continuous"]),
+        "bulk": (
+            f"bulk (r={args.admit_ratio:g}, w={args.admit_max_wait})",
+            common
+            + batch
+            + ["--batching", "continuous", "--admit-ratio", str(args.admit_ratio)]
+            + ["--admit-max-wait", str(args.admit_max_wait)],
+        ),
         "window": (
             f"windowed (B={args.max_batch}, W={args.window_ms:g} ms)",
             common + batch + ["--batching", "window", "--batch-window-ms", str(args.window_ms)],
@@ -287,7 +303,9 @@ def main() -> None:
         print(f"{label:28}" + "".join(f"{fmt(results[n]):>{width}}" for n in names))
     print()
     chosen = args.modes.split(",")
-    for a, b in (("continuous", "off"), ("window", "off"), ("continuous", "window")):
+    pairs = [("continuous", "off"), ("window", "off"), ("continuous", "window")]
+    pairs += [("bulk", "continuous"), ("bulk", "window")]
+    for a, b in pairs:
         if a in chosen and b in chosen:
             x, y = results[all_modes[a][0]], results[all_modes[b][0]]
             print(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from duetlm.engines.base import SamplingParams
-from duetlm.engines.continuous import BatcherClosed, ContinuousBatcher
+from duetlm.engines.continuous import BatcherClosed, ContinuousBatcher, admit_count
 from duetlm.engines.hf import HFEngine
 
 TEXTS = [
@@ -55,10 +55,10 @@ def test_staggered_requests_match_hf_alone(engines, arch):
     engine = engines[arch]
     prompts = _ids(engine, TEXTS)
     sps = [
-        SamplingParams(temperature=0.0, max_new_tokens=20, logprobs=True),
+        SamplingParams(temperature=0.0, max_new_tokens=20, logprobs=True, top_logprobs=3),
         SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=1, logprobs=True),
         SamplingParams(temperature=0.0, max_new_tokens=14, logprobs=True),
-        SamplingParams(temperature=0.8, top_k=30, max_new_tokens=18, seed=3, logprobs=True),
+        SamplingParams(temperature=0.8, top_k=30, max_new_tokens=18, seed=3, logprobs=True, top_logprobs=5),
         SamplingParams(temperature=1.0, max_new_tokens=22, seed=4, logprobs=True),
         SamplingParams(temperature=0.0, max_new_tokens=26, logprobs=True),
     ]
@@ -101,6 +101,16 @@ def test_staggered_requests_match_hf_alone(engines, arch):
         assert got.finish_reason == want.finish_reason
         assert got.prompt_token_ids == want.prompt_token_ids and got.prompt_index == 0
         assert got.logprobs == pytest.approx(want.logprobs, abs=LOGPROB_TOL)
+        if want.top_logprobs is None:
+            assert got.top_logprobs is None
+        else:  # rows asking for 3, 5 and no top log-probs share steps; each gets its own
+            assert [[t for t, _ in top] for top in got.top_logprobs] == [
+                [t for t, _ in top] for top in want.top_logprobs
+            ]
+            flat = [v for top in got.top_logprobs for _, v in top]
+            assert flat == pytest.approx([v for top in want.top_logprobs for _, v in top], abs=LOGPROB_TOL)
+    assert [g.top_logprobs is not None for g in out] == [True, False, False, True, False, False]
+    assert {len(top) for top in out[3].top_logprobs} == {5}
     assert first_tokens == out[0].token_ids
 
 
@@ -137,6 +147,63 @@ def test_max_batch_is_respected_and_every_request_completes(engines):
     assert [len(g.token_ids) for g in out] == [3 + i for i in range(len(prompts))]
     assert streams == [g.token_ids for g in out]
     assert batcher.stats.requests == len(prompts)
+
+
+def test_admit_count_follows_the_ratio_and_the_wait():
+    # Nothing running, or enough waiting for the ratio, or the oldest waited long enough: all that fit.
+    assert admit_count(3, 0, 8, 0, ratio=2.0, max_wait=16) == 3
+    assert admit_count(4, 2, 8, 0, ratio=2.0, max_wait=16) == 4
+    assert admit_count(3, 2, 8, 16, ratio=2.0, max_wait=16) == 3
+    assert admit_count(12, 2, 6, 0, ratio=2.0, max_wait=16) == 6  # no more than the room
+    # Too few waiting and not waited long enough: none yet.
+    assert admit_count(3, 2, 8, 15, ratio=2.0, max_wait=16) == 0
+    # ratio 0 admits at every step boundary; nothing to admit or no room: none.
+    assert admit_count(1, 15, 1, 0, ratio=0.0, max_wait=16) == 1
+    assert admit_count(0, 0, 8, 0, ratio=0.0, max_wait=0) == 0
+    assert admit_count(5, 8, 0, 99, ratio=0.0, max_wait=0) == 0
+
+
+def test_negative_admission_settings_are_refused(engines):
+    with pytest.raises(ValueError, match="admit_ratio and admit_max_wait must be >= 0, got -1"):
+        ContinuousBatcher(engines["llama"], admit_ratio=-1)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "max_wait", "late", "joins_after"),
+    [
+        (0.0, 16, 1, 3),  # admitted at the next step boundary
+        (1.0, 16, 1, 3),  # 1 waiting >= 1.0 x 1 running
+        (2.0, 5, 1, 8),  # 1 < 2.0 x 1: waits 5 decode steps, then joins
+        (2.0, 5, 2, 3),  # 2 >= 2.0 x 1: join at once, together
+    ],
+)
+def test_admission_waits_for_the_ratio_or_the_step_limit(engines, ratio, max_wait, late, joins_after):
+    """A request decodes alone; on its 3rd token (during decode step 2) `late` requests arrive. They
+    join when `admit_count` says so: their first token comes after the first request's `joins_after`-th.
+    However long they waited, each output is what HFEngine gives for it alone."""
+    engine = engines["llama"]
+    prompts = _ids(engine, TEXTS)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=12)
+    events: list[str] = []
+    futures = []
+    batcher = ContinuousBatcher(engine, max_batch=8, admit_ratio=ratio, admit_max_wait=max_wait)
+
+    def on_first(tok: int) -> None:  # the batcher's thread, inside a step
+        events.append("first")
+        if events.count("first") == 3:
+            for k in range(late):
+                futures.append(batcher.submit(prompts[1 + k], sp, lambda t, k=k: events.append(f"late{k}")))
+
+    try:
+        futures.insert(0, batcher.submit(prompts[0], sp, on_first))
+        out = [f.result(TIMEOUT) for f in futures]
+    finally:
+        batcher.close()
+    for k in range(late):
+        assert events[: events.index(f"late{k}")].count("first") == joins_after
+    assert batcher.stats.prefills == 2
+    for got, prompt in zip(out, prompts, strict=False):
+        assert got.token_ids == _alone(engine, prompt, sp).token_ids
 
 
 def test_bad_requests_are_refused_at_submit(engines):

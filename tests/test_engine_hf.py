@@ -1,5 +1,7 @@
 """HFEngine on a tiny real model: determinism, seeds, stops, log-probs, padding."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -62,8 +64,12 @@ def test_stop_strings_and_stop_ids(tiny_engine):
 
 
 def test_logprobs_match_a_forward_pass(tiny_engine):
-    sp = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=7, logprobs=True)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=7, logprobs=True, top_logprobs=4)
     out = tiny_engine.generate(PROMPTS, sp)
+    # Asking for top_logprobs changes no sample, and without it there are none.
+    without = tiny_engine.generate(PROMPTS, replace(sp, top_logprobs=0))
+    assert [[g.token_ids for g in gs] for gs in without] == [[g.token_ids for g in gs] for gs in out]
+    assert all(g.top_logprobs is None for gs in without for g in gs)
     model = tiny_engine.model
     for gs in out:
         for g in gs:
@@ -75,6 +81,12 @@ def test_logprobs_match_a_forward_pass(tiny_engine):
             expected = [lp[p - 1 + k, tok].item() for k, tok in enumerate(g.token_ids)]
             assert g.logprobs is not None and len(g.logprobs) == g.num_tokens
             assert max(abs(a - b) for a, b in zip(g.logprobs, expected, strict=True)) < 1e-4
+            # top_logprobs: the 4 most likely tokens of the same distribution, most likely first.
+            assert g.top_logprobs is not None and len(g.top_logprobs) == g.num_tokens
+            for k, top in enumerate(g.top_logprobs):
+                values, ids_k = lp[p - 1 + k].topk(4)
+                assert [t for t, _ in top] == ids_k.tolist()
+                assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
 
 
 def test_left_padding_matches_unpadded(tiny_engine):

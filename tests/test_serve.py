@@ -583,7 +583,45 @@ def test_logprobs_of_m_answer_streamed_or_not(client, local, engines):
     ]
     assert [e.logprob for e in streamed] == [e.logprob for e in entries]
     assert ask(client).choices[0].logprobs is None
-    bad = post(str(client.base_url).removesuffix("/v1/"), {**user(), "logprobs": True, "top_logprobs": 2})
+
+
+def test_top_logprobs_of_m_answer(client, local, engines):
+    """top_logprobs: the k most likely tokens at each answer position, most likely first, under the
+    distribution the sampled token's log-prob comes from; asking for them changes no sampled token."""
+    r = ask(client, logprobs=True, top_logprobs=3)
+    plain = ask(client, logprobs=True)
+    sp = replace(local.small_sampling, logprobs=True, top_logprobs=3)
+    (expected,) = replace(local, small_sampling=sp).run([Q])
+    entries = r.choices[0].logprobs.content
+    assert [e.token for e in entries] == [e.token for e in plain.choices[0].logprobs.content]
+    assert entries, "m wrote no answer token"
+    tok = engines[1].tokenizer
+    for k, e in enumerate(entries):
+        tops = e.top_logprobs
+        assert len(tops) == 3
+        assert [t.logprob for t in tops] == sorted((t.logprob for t in tops), reverse=True)
+        assert [t.token for t in tops] == [tok.decode([i]) for i, _ in expected.small.top_logprobs[k]]
+        assert [t.logprob for t in tops] == pytest.approx(
+            [v for _, v in expected.small.top_logprobs[k]], abs=1e-6
+        )
+        assert e.logprob <= tops[0].logprob + 1e-6
+        sampled = expected.small.token_ids[k]  # where it is among the top 3: the same log-prob there
+        for token_id, value in expected.small.top_logprobs[k]:
+            if token_id == sampled:
+                assert value == pytest.approx(e.logprob, abs=1e-6)
+    streamed = [
+        e
+        for ch in ask(client, logprobs=True, top_logprobs=3, stream=True)
+        if ch.choices and ch.choices[0].logprobs
+        for e in ch.choices[0].logprobs.content
+    ]
+    assert [[t.token for t in e.top_logprobs] for e in streamed] == [
+        [t.token for t in e.top_logprobs] for e in entries
+    ]
+    base = str(client.base_url).removesuffix("/v1/")
+    bad = post(base, {**user(), "top_logprobs": 2})
+    assert bad.status_code == 400 and "top_logprobs needs logprobs" in bad.json()["error"]["message"]
+    bad = post(base, {**user(), "logprobs": True, "top_logprobs": 21})
     assert bad.status_code == 400 and "top_logprobs" in bad.json()["error"]["message"]
 
 

@@ -163,7 +163,7 @@ def test_factory_builds_a_vllm_engine(tiny_vllm):
 
 @pytest.mark.vllm
 def test_greedy_matches_hf_on_tiny_model(tiny_vllm, tiny_hf):
-    sp = SamplingParams(temperature=0.0, max_new_tokens=40, logprobs=True)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=40, logprobs=True, top_logprobs=3)
     prompts = _prompts(tiny_hf.tokenizer)
     ours, ref = tiny_vllm.generate(prompts, sp), tiny_hf.generate(prompts, sp)
     for v, h in zip(ours, ref, strict=True):
@@ -172,6 +172,16 @@ def test_greedy_matches_hf_on_tiny_model(tiny_vllm, tiny_hf):
         assert v.token_ids == h.token_ids
         assert (v.text, v.finish_reason) == (h.text, h.finish_reason)
         assert _max_diff(v.logprobs, h.logprobs) < TINY_LOGPROB_TOL
+        # top_logprobs: the same 3 most likely tokens at each step, most likely first.
+        assert [[t for t, _ in top] for top in v.top_logprobs] == [
+            [t for t, _ in top] for top in h.top_logprobs
+        ]
+        assert (
+            _max_diff(
+                [x for top in v.top_logprobs for _, x in top], [x for top in h.top_logprobs for _, x in top]
+            )
+            < TINY_LOGPROB_TOL
+        )
     # The check has teeth: the outputs are varied text, and at least one ends with EOS.
     assert any(len(set(gs[0].token_ids)) > 5 for gs in ours)
     assert any(gs[0].finish_reason == "stop" and gs[0].token_ids[-1] in tiny_hf.eos_ids for gs in ours)

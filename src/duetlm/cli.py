@@ -215,6 +215,12 @@ def serve(
     ] = "continuous",
     max_batch: Annotated[int, typer.Option(help="requests decoded together; 1 turns batching off")] = 16,
     batch_window_ms: Annotated[float, typer.Option(help="window batching: how long a batch waits")] = 5.0,
+    admit_ratio: Annotated[
+        float, typer.Option(help="continuous batching: join once waiting >= ratio x running (0: every step)")
+    ] = 0.0,
+    admit_max_wait: Annotated[
+        int, typer.Option(help="continuous batching: ... or once the oldest waited this many steps")
+    ] = 16,
     max_queue: Annotated[int, typer.Option(help="requests admitted at once; more get 503")] = 256,
     max_signal_tokens: Annotated[int, typer.Option(help="default cap on M's thinking tokens")] = 256,
     max_answer_tokens: Annotated[int, typer.Option(help="default cap on m's answer tokens")] = 256,
@@ -242,6 +248,8 @@ def serve(
         max_batch=max_batch,
         batching=batching,
         batch_window_ms=batch_window_ms,
+        admit_ratio=admit_ratio,
+        admit_max_wait=admit_max_wait,
         max_queue=max_queue,
         max_signal_tokens=max_signal_tokens,
         max_answer_tokens=max_answer_tokens,

@@ -11,7 +11,7 @@ Roles.
   reasoning_tokens` = M's tokens). Request options: `max_tokens` caps m's answer; the extension
   `max_signal_tokens` caps M's thinking (default `--max-signal-tokens`); `temperature`, `top_p`,
   `top_k` and `seed` apply to both models; `stop` to m; `n` choices (up to `max_n`); `logprobs` gives
-  m's log-prob of each answer token (no `top_logprobs`).
+  m's log-prob of each answer token, `top_logprobs` (up to 20) the most likely tokens at each.
 - `large`: M alone, with the same API: the conversation is templated by `protocol.large_chat_prompt`
   (thinking on), M stops at the end of thinking, and its thinking is `reasoning_content` (content is
   empty). `max_tokens` caps the thinking. So one duetlm server can be another's remote M
@@ -94,6 +94,12 @@ class ServeConfig(Strict):
     )
     max_batch: int = Field(16, ge=1, description="requests decoded together; 1 turns batching off")
     batch_window_ms: float = Field(5.0, ge=0, description="window batching: how long a batch waits for more")
+    admit_ratio: float = Field(
+        0.0, ge=0, description="continuous batching: new requests join once waiting >= ratio x running"
+    )
+    admit_max_wait: int = Field(
+        16, ge=0, description="continuous batching: ... or once the oldest waited this many decode steps"
+    )
     max_queue: int = Field(256, ge=1, description="requests admitted at once; beyond: 503 + Retry-After")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 503")
     max_signal_tokens: int = Field(256, ge=1, description="default cap on M's thinking tokens")
@@ -194,7 +200,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: _StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 @dataclass(frozen=True)
@@ -281,13 +287,8 @@ def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
         raise ApiError(400, f"messages[{len(messages) - 1}].content is empty", param="messages")
     if not 1 <= req.n <= cfg.max_n:
         raise ApiError(400, f"n must be between 1 and {cfg.max_n} (got {req.n})", param="n")
-    if req.top_logprobs:
-        raise ApiError(
-            400,
-            "top_logprobs is not supported: the engines report the sampled tokens' log-probs only "
-            "(send logprobs: true alone)",
-            param="top_logprobs",
-        )
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     default = cfg.max_answer_tokens if cfg.role == "duet" else cfg.max_signal_tokens
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -652,7 +653,12 @@ class DuetService:
             if id(engine) not in self._continuous:
                 from duetlm.engines.continuous import ContinuousBatcher
 
-                self._continuous[id(engine)] = ContinuousBatcher(engine, max_batch=self.cfg.max_batch)
+                self._continuous[id(engine)] = ContinuousBatcher(
+                    engine,
+                    max_batch=self.cfg.max_batch,
+                    admit_ratio=self.cfg.admit_ratio,
+                    admit_max_wait=self.cfg.admit_max_wait,
+                )
             return ContinuousStage(name, prepare, self._continuous[id(engine)])
         batcher = self._batcher(name, run, engine, window)
         if isinstance(engine, HFEngine):  # a request that does not fit the model is a 400 before it waits
@@ -779,6 +785,7 @@ class DuetService:
             stop=stop,
             seed=seed,
             logprobs=logprobs,
+            top_logprobs=(req.top_logprobs or 0) if logprobs else 0,
         )
 
     def _user_stop(self, chat: ParsedChat) -> tuple[str, ...]:
@@ -905,17 +912,25 @@ class DuetService:
         """OpenAI's `choice.logprobs` when the request asked for them: one entry per token of the
         choice's text (m's answer; M's thinking for role large), a final end-of-sequence token left
         out; `logprob` is the model's own log-probability of the sampled token (before temperature and
-        top-k/top-p, as the engines report it); `top_logprobs` is empty (not supported)."""
+        top-k/top-p, as the engines report it); `top_logprobs` the request's number of most likely
+        tokens at that position under the same distribution (empty when not asked for, or when the
+        engine reports none: a remote M)."""
         gen = outcome.small if outcome.small is not None else outcome.large
         if not chat.request.logprobs or gen.logprobs is None:
             return None
         engine = self.small if outcome.small is not None else self.large
         tok = getattr(engine, "tokenizer", None)
         ids = text_ids(list(gen.token_ids), frozenset(getattr(engine, "eos_ids", ())))
+
+        def entry(token_id: int, lp: float) -> dict[str, Any]:
+            text = tok.decode([token_id], skip_special_tokens=False) if hasattr(tok, "decode") else ""
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        tops = gen.top_logprobs or []
         entries = []
         for k, (token_id, lp) in enumerate(zip(ids, gen.logprobs, strict=False)):
-            text = tok.decode([token_id], skip_special_tokens=False) if hasattr(tok, "decode") else str(k)
-            entries.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+            top = [entry(t, v) for t, v in tops[k]] if k < len(tops) else []
+            entries.append({**entry(token_id, lp), "top_logprobs": top})
         return {"content": entries}
 
     def completion(self, chat: ParsedChat, outcomes: list[DuetOutcome]) -> dict[str, Any]:
@@ -1066,6 +1081,8 @@ class DuetService:
                 "mode": self.cfg.batching,
                 "max_batch": self.cfg.max_batch,
                 "window_ms": self.cfg.batch_window_ms,
+                "admit_ratio": self.cfg.admit_ratio,
+                "admit_max_wait": self.cfg.admit_max_wait,
             },
             "stages": {s.name: s.stats.to_json() for s in self.stages},
         }

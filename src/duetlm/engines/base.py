@@ -29,6 +29,8 @@ class SamplingParams:
     (the tokenizer's EOS is always one). `n`: samples per prompt. `seed`: makes sampling reproducible for
     the whole call. `logprobs`: return the log-probability of each generated token under the sampling
     distribution *before* temperature/top-k/top-p (the policy's own log-prob, which GRPO needs).
+    `top_logprobs`: with `logprobs`, also the `top_logprobs` most likely tokens at each step under that
+    same distribution (OpenAI's `top_logprobs`; 0: none).
     """
 
     temperature: float = 1.0
@@ -40,11 +42,13 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
 class Generation:
-    """One sample. `token_ids` are the generated ids only (no prompt, no padding)."""
+    """One sample. `token_ids` are the generated ids only (no prompt, no padding). `top_logprobs`: per
+    generated token, the most likely `(token id, log-prob)` pairs, most likely first (when asked for)."""
 
     prompt_index: int
     token_ids: list[int]
@@ -52,6 +56,7 @@ class Generation:
     finish_reason: FinishReason
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def num_tokens(self) -> int:

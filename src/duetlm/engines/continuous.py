@@ -6,7 +6,8 @@ the whole batch, and the batch's short requests wait for its longest. Continuous
 boundary new requests are prefilled and join the running batch, and finished rows leave it at once.
 
 One background thread owns the decode loop. Each step:
-1. admit waiting requests (FIFO, up to `max_batch` rows in all): prefill them together, left-padded
+1. admit waiting requests (FIFO, up to `max_batch` rows in all; when `admit_count` says so, see
+   below): prefill them together, left-padded
    with position ids from the attention mask (as `HFEngine` does, so a padded row computes what it
    would alone), sample their first token, and merge their KV cache into the running batch's cache
    (left-pad along the sequence axis to a common width, concatenate along the batch axis);
@@ -17,6 +18,12 @@ One background thread owns the decode loop. Each step:
 Sampling is per row: each request keeps its `SamplingParams` (greedy at temperature 0, top-k/top-p,
 stop strings and stop ids, log-probs of the raw logits) and, when seeded, its own `torch.Generator`,
 so a seeded request draws the same tokens whatever else shares its batch.
+
+Admission (`admit_count`, the rule of Hugging Face TGI's router): with a batch running, waiting
+requests join only once they are at least `admit_ratio` times the running rows, or once the oldest has
+waited `admit_max_wait` decode steps. Why: each admission costs a prefill and a cache merge that stall
+every running row; where a step costs about the same whatever its rows (small models, few cores),
+admitting in bulk pays that cost once for many requests. `admit_ratio=0` admits at every step boundary.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from duetlm.engines.hf import (
     forward_last,
     stop_string_hit,
     text_ids,
+    top_tokens,
 )
 
 
@@ -79,9 +87,11 @@ class _Request:
     on_token: Callable[[int], None] | None
     future: Future[Generation]
     stop_ids: frozenset[int]
+    queued_step: int = 0  # the batcher's decode-step count when the request was queued
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish: FinishReason | None = None
 
 
@@ -95,6 +105,23 @@ class _Running:
     mask: torch.Tensor
     pos: torch.Tensor
     last: torch.Tensor
+
+
+def _n_top(sp: SamplingParams) -> int:
+    return sp.top_logprobs if sp.logprobs else 0
+
+
+def admit_count(waiting: int, running: int, room: int, oldest_wait: int, ratio: float, max_wait: int) -> int:
+    """How many of `waiting` requests join the batch at this step boundary (TGI's admission rule).
+
+    All that fit in `room` join when nothing is running, when `waiting >= ratio * running`, or when the
+    oldest has waited `oldest_wait >= max_wait` decode steps; otherwise none (they join later in bulk).
+    """
+    if waiting <= 0 or room <= 0:
+        return 0
+    if running == 0 or waiting >= ratio * running or oldest_wait >= max_wait:
+        return min(room, waiting)
+    return 0
 
 
 def _stack_right_aligned(parts: list[torch.Tensor], width: int, dim: int) -> torch.Tensor:
@@ -132,18 +159,26 @@ class ContinuousBatcher:
     `submit(prompt_ids, sampling, on_token)` is thread-safe and returns a `concurrent.futures.Future`
     of one `Generation` (same fields and meaning as `HFEngine.generate_ids`'s, `prompt_index` 0).
     `on_token(token_id)` is called from the batcher's thread for each generated token, in order,
-    before the future resolves. At most `max_batch` rows decode at once; the rest wait in a FIFO.
-    The batcher owns `engine.model` while it runs: do not call `engine.generate` concurrently.
+    before the future resolves. At most `max_batch` rows decode at once; the rest wait in a FIFO and
+    join as `admit_count(..., admit_ratio, admit_max_wait)` allows. The batcher owns `engine.model` while it runs: do not call `engine.generate` concurrently.
     """
 
-    def __init__(self, engine: HFEngine, max_batch: int = 16) -> None:
+    def __init__(
+        self, engine: HFEngine, max_batch: int = 16, admit_ratio: float = 0.0, admit_max_wait: int = 16
+    ) -> None:
         from transformers import DynamicCache
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if admit_ratio < 0 or admit_max_wait < 0:
+            raise ValueError(
+                f"admit_ratio and admit_max_wait must be >= 0, got {admit_ratio} and {admit_max_wait}"
+            )
         self.engine = engine
         self.model = engine.model
         self.max_batch = max_batch
+        self.admit_ratio = admit_ratio
+        self.admit_max_wait = admit_max_wait
         self.stats = BatcherStats()
         self._config = self.model.config
         self._vocab = int(self.model.get_input_embeddings().num_embeddings)
@@ -201,6 +236,7 @@ class ContinuousBatcher:
         with self._cond:
             if self._closed:
                 raise BatcherClosed("ContinuousBatcher is closed; no new requests")
+            req.queued_step = self.stats.steps
             self._waiting.append(req)
             self._cond.notify()
         return future
@@ -247,8 +283,17 @@ class ContinuousBatcher:
                 self._cond.wait()
             if self._closed:
                 return False
-            room = self.max_batch - (len(self._running.rows) if self._running else 0)
-            new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            running = len(self._running.rows) if self._running else 0
+            oldest = self.stats.steps - self._waiting[0].queued_step if self._waiting else 0
+            take = admit_count(
+                len(self._waiting),
+                running,
+                self.max_batch - running,
+                oldest,
+                self.admit_ratio,
+                self.admit_max_wait,
+            )
+            new = [self._waiting.popleft() for _ in range(take)]
         # A request cancelled while it waited is skipped (a running one can no longer be cancelled).
         new = [r for r in new if r.future.set_running_or_notify_cancel()]
         was_training = self.model.training
@@ -342,15 +387,20 @@ class ContinuousBatcher:
         """Pick each row's next token from its (B, V) logits, record it, call `on_token`, and finish
         the rows that stop. Returns the tokens (B,) and the indices of the rows that go on."""
         nxt = self._choose(rows, logits)
-        lp_list = None
+        lp_list = top_list = None
         if any(r.sampling.logprobs for r in rows):
             # The policy's own log-prob: log-softmax of the raw logits, before temperature/top-k/top-p.
-            lp_list = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1).tolist()
+            logp = torch.log_softmax(logits, dim=-1)
+            lp_list = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+            n_top = max(_n_top(r.sampling) for r in rows)
+            top_list = top_tokens(logp, n_top) if n_top else None
         keep: list[int] = []
         for i, (req, tok) in enumerate(zip(rows, nxt.tolist(), strict=True)):
             req.tokens.append(tok)
             if lp_list is not None and req.sampling.logprobs:
                 req.logprobs.append(lp_list[i])
+            if top_list is not None and _n_top(req.sampling):
+                req.top_logprobs.append(top_list[i][: _n_top(req.sampling)])
             self.stats.generated_tokens += 1
             try:
                 if req.on_token is not None:
@@ -397,6 +447,7 @@ class ContinuousBatcher:
             finish_reason=req.finish or "length",
             prompt_token_ids=req.prompt_ids,
             logprobs=req.logprobs if req.sampling.logprobs else None,
+            top_logprobs=req.top_logprobs if _n_top(req.sampling) else None,
         )
 
     @staticmethod

@@ -57,6 +57,13 @@ def forward_last(
     return out.logits[:, -1, :].float(), cache
 
 
+def top_tokens(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's `k` most likely `(token id, log-prob)` pairs of (B, V) log-probs, most likely first
+    (OpenAI's `top_logprobs`)."""
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+
+
 def stop_string_hit(tokenizer: Any, tokens: list[int], stop: tuple[str, ...]) -> bool:
     """True when a stop string shows in the decoded tail of `tokens` (special tokens kept, so
     `</think>` matches whether or not it is one token; a few tokens more than the longest stop string
@@ -202,6 +209,8 @@ class HFEngine:
 
         tokens: list[list[int]] = [[] for _ in range(bsz)]
         logps: list[list[float]] = [[] for _ in range(bsz)]
+        tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(bsz)]
+        n_top = sp.top_logprobs if sp.logprobs else 0
         finish: list[str | None] = [None] * bsz
         alive = torch.arange(bsz, device=device)  # rows of the original batch still decoding
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -227,20 +236,21 @@ class HFEngine:
             else:
                 probs = torch.softmax(_filter_logits(logits / sp.temperature, sp.top_k, sp.top_p), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            lp = (
-                torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-                if sp.logprobs
-                else None
-            )
+            lp_list = top_list = None
+            if sp.logprobs:
+                logp = torch.log_softmax(logits, dim=-1)
+                lp_list = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+                top_list = top_tokens(logp, n_top) if n_top else None
             done = torch.isin(nxt, stop_ids)
             nxt_list, done_list = nxt.tolist(), done.tolist()
-            lp_list = lp.tolist() if lp is not None else None
             for k, row in enumerate(alive.tolist()):
                 tokens[row].append(nxt_list[k])
                 if on_token is not None:
                     on_token(row, nxt_list[k])
                 if lp_list is not None:
                     logps[row].append(lp_list[k])
+                if top_list is not None:
+                    tops[row].append(top_list[k])
                 if done_list[k]:
                     finish[row] = "stop"
                 elif stop_string_hit(self.tokenizer, tokens[row], sp.stop):
@@ -271,6 +281,7 @@ class HFEngine:
                     text=self.tokenizer.decode(text_ids(ids, self.eos_ids), skip_special_tokens=False),
                     finish_reason=reason,  # type: ignore[arg-type]
                     logprobs=logps[row][: len(ids)] if sp.logprobs else None,
+                    top_logprobs=tops[row][: len(ids)] if n_top else None,
                 )
             )
         return results

@@ -233,7 +233,8 @@ class VLLMEngine:
             stop=list(sp.stop) or None,
             stop_token_ids=sorted(self.eos_ids | set(sp.stop_token_ids)),
             seed=None if sp.seed is None else prompt_seed(sp.seed, prompt_index),
-            logprobs=0 if sp.logprobs else None,  # 0: only the sampled token's log-prob
+            # k: the sampled token's log-prob plus the k most likely (0: the sampled one only).
+            logprobs=sp.top_logprobs if sp.logprobs else None,
             include_stop_str_in_output=True,
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
@@ -266,7 +267,7 @@ class VLLMEngine:
         for i, (ids, request) in enumerate(zip(prompt_ids, outputs, strict=True)):
             gens = []
             for c in sorted(request.outputs, key=lambda c: c.index):
-                gens.append(self._generation(i, list(ids), c, sampling.logprobs))
+                gens.append(self._generation(i, list(ids), c, sampling))
             out.append(gens)
         self.stats.calls += 1
         self.stats.generated_tokens += sum(g.num_tokens for gs in out for g in gs)
@@ -317,14 +318,24 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM finished without all {n} samples of prompts {short}")
         return [SimpleNamespace(outputs=list(latest[i].values())) for i in range(len(requests))]
 
-    def _generation(self, prompt_index: int, prompt_ids: list[int], c: Any, logprobs: bool) -> Generation:
+    def _generation(
+        self, prompt_index: int, prompt_ids: list[int], c: Any, sampling: SamplingParams
+    ) -> Generation:
         ids = list(c.token_ids)
         if c.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM ended sample {c.index} of prompt {prompt_index}: {c.finish_reason!r}")
-        lps = None
-        if logprobs:
-            # One dict per generated token, holding at least the sampled token's entry.
+        lps = tops = None
+        if sampling.logprobs:
+            # One dict per generated token: the sampled token's entry and the top-k (by rank from 1).
             lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids, strict=True)]
+            if sampling.top_logprobs:
+                tops = [
+                    sorted(
+                        ((t, lp.logprob) for t, lp in step.items() if lp.rank <= sampling.top_logprobs),
+                        key=lambda pair: -pair[1],
+                    )
+                    for step in c.logprobs
+                ]
         return Generation(
             prompt_index=prompt_index,
             token_ids=ids,
@@ -332,6 +343,7 @@ class VLLMEngine:
             finish_reason=c.finish_reason,
             prompt_token_ids=prompt_ids,
             logprobs=lps,
+            top_logprobs=tops,
         )
 
     # -- training support --------------------------------------------------------------------------
