@@ -1,4 +1,5 @@
-"""Load test of `duetlm serve`: continuous batching, windowed batching and batching off, side by side.
+"""Load test of `duetlm serve`: continuous batching (optionally with bulk admission), windowed batching and
+batching off, side by side.
 
 For each mode, starts `duetlm serve` in its own process on 127.0.0.1 (an ephemeral port), sends
 `--requests` chat completions with `--concurrency` in flight (httpx, asyncio), and prints: requests
