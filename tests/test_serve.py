@@ -17,6 +17,8 @@ from dataclasses import replace
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from duetlm import protocol
@@ -640,3 +642,58 @@ def test_an_over_long_question_is_a_400_naming_the_limit(engines, batching):
         "the large model cannot take this request" in message and "max_position_embeddings (1024)" in message
     )
     assert in_flight == 0
+
+
+_OPTIONS = {
+    "max_tokens": st.one_of(st.none(), st.integers(-5, 600)),
+    "max_completion_tokens": st.one_of(st.none(), st.integers(-5, 600)),
+    "max_signal_tokens": st.one_of(st.none(), st.integers(-5, 600)),
+    "temperature": st.one_of(st.none(), st.floats(-1, 3, allow_nan=False)),
+    "top_p": st.floats(-0.5, 1.5, allow_nan=False),
+    "top_k": st.integers(-3, 100_000),
+    "n": st.integers(-1, 10),
+    "seed": st.one_of(st.none(), st.integers(-(2**70), 2**70)),
+    "stop": st.one_of(st.none(), st.text(max_size=4), st.lists(st.text(max_size=4), max_size=5)),
+    "stream": st.booleans(),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.one_of(st.none(), st.integers(-2, 25)),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    options=st.fixed_dictionaries({}, optional=_OPTIONS),
+    content=st.text(max_size=40),
+    system=st.one_of(st.none(), st.text(max_size=20)),
+)
+def test_any_options_get_an_answer_or_a_400(duet_url, options, content, system):
+    """Fuzzed request options (out-of-range numbers, huge seeds, odd stop strings, streaming or not)
+    get a complete answer or a 400 that says what is wrong: never a 5xx, never a broken stream."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    body = {"model": "duet", "messages": [*messages, {"role": "user", "content": content}], **options}
+    r = post(duet_url, body)
+    assert r.status_code in (200, 400), (body, r.status_code, r.text)
+    if r.status_code == 400:
+        assert r.json()["error"]["message"]
+    elif options.get("stream"):
+        events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), r.text[-500:]
+    else:
+        assert len(r.json()["choices"]) == options.get("n", 1)
+
+
+def test_openapi_documents_the_chat_body_and_errors(duet_url):
+    """/openapi.json describes the request body (the handler parses it itself) and the error answers,
+    so clients and schema fuzzers (schemathesis) see the real API; a 405 names the allowed methods."""
+    spec = httpx.get(duet_url + "/openapi.json", timeout=10).json()
+    op = spec["paths"]["/v1/chat/completions"]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["model"]["enum"] == ["duet"]
+    assert {"model", "messages"} <= set(body["required"])
+    ref = body["properties"]["messages"]["items"]["$ref"].rsplit("/", 1)[-1]
+    assert spec["components"]["schemas"][ref]["properties"]["role"]["enum"] == ["system", "user", "assistant"]
+    assert body["properties"]["top_logprobs"]["anyOf"][0]["maximum"] == 20
+    assert {"400", "401", "404", "413", "502", "503"} <= set(op["responses"])
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    r = httpx.put(duet_url + "/v1/chat/completions", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"

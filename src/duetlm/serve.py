@@ -172,13 +172,32 @@ def _upstream_error(err: Exception) -> ApiError:
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
+    # parse_chat checks the role and says which are valid; the enum only documents them.
+    role: str = Field(json_schema_extra={"enum": list(VALID_ROLES)})
     content: str | list[dict[str, Any]] | None = None
 
 
 class _StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+
+
+# OpenAI's error body, as every 4xx/5xx of the API carries it.
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["integer", "string", "null"]},
+            },
+        }
+    },
+}
 
 
 class ChatRequest(BaseModel):
@@ -1149,8 +1168,10 @@ def create_app(service: DuetService) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(
-            ApiError(err.status_code, str(err.detail), kind=kind).body(), status_code=err.status_code
+        return JSONResponse(  # keep Starlette's headers: a 405's Allow names the methods (RFC 9110)
+            ApiError(err.status_code, str(err.detail), kind=kind).body(),
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
         )
 
     @app.exception_handler(RequestValidationError)
@@ -1183,13 +1204,40 @@ def create_app(service: DuetService) -> FastAPI:
         service.metrics.answered(request.url.path, response.status_code)
         return response
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+    )
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/chat/completions")
+    # The handler reads the body itself (size limit, 400s that name the field), so FastAPI does not
+    # see ChatRequest: describe it in the OpenAPI document by hand, for clients and schema fuzzers.
+    body_schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    body_defs = body_schema.pop("$defs", {})
+    body_schema["properties"]["model"]["enum"] = [cfg.model_name]
+    body_schema["properties"]["messages"]["minItems"] = 1
+
+    error = {"description": "", "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    errors = {
+        400: "a bad request (the message names the field)",
+        401: "a wrong or missing API key",
+        404: "a model this server does not serve",
+        413: "a body over the size limit",
+        502: "the large model's server failed",
+        503: "the queue is full (Retry-After says when to retry)",
+    }
+
+    @app.post(
+        "/v1/chat/completions",
+        responses={code: {**error, "description": why} for code, why in errors.items()},
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}}
+        },
+    )
     async def chat(request: Request) -> Any:
         started = time.perf_counter()
         chat = parse_chat(await read_json(request, cfg.max_body_bytes), cfg)
@@ -1236,6 +1284,14 @@ def create_app(service: DuetService) -> FastAPI:
             count = await loop.run_in_executor(None, service.large.count_tokens, data["prompt"])
             return {"count": count}
 
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            build_openapi().setdefault("components", {}).setdefault("schemas", {}).update(body_defs)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
