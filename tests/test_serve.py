@@ -226,6 +226,30 @@ def test_concurrent_requests_share_engine_calls(engines, tiny_dir):
         assert reply["usage"]["large"]["prompt_tokens"] == large.count_tokens(prompt)
 
 
+def test_system_messages_ignored_when_the_server_says_so(engines):
+    """--system-messages ignore: a [system, user] request gets what the user message alone gets
+    (seeded); by default it is a 400 that names the option."""
+    server = start(ServeConfig(large="M", small="m", max_signal_tokens=8, system_messages="ignore"), *engines)
+    seeded = {"temperature": 1.0, "seed": SEED, "max_tokens": 8}
+    try:
+        system = {"role": "system", "content": "You are a helpful assistant."}
+        with_system = post(server.url, {**user(Q), **seeded, "messages": [system, user(Q)["messages"][0]]})
+        alone = post(server.url, {**user(Q), **seeded})
+        two_users = post(server.url, {**user(Q), "messages": [user(Q)["messages"][0]] * 2})
+    finally:
+        server.__exit__()
+    assert with_system.status_code == alone.status_code == 200
+    pick = lambda r: r.json()["choices"][0]["message"]  # noqa: E731
+    assert pick(with_system) == pick(alone)
+    assert two_users.status_code == 400  # only system messages are dropped
+    server = start(ServeConfig(large="M", small="m", max_signal_tokens=8), *engines)
+    try:
+        refused = post(server.url, {**user(Q), "messages": [system, user(Q)["messages"][0]]})
+    finally:
+        server.__exit__()
+    assert refused.status_code == 400 and "--system-messages ignore" in refused.json()["error"]["message"]
+
+
 def test_continuous_batching_lets_a_late_short_request_overtake_a_long_one(engines):
     """A short request sent while a long answer is being written joins m's running batch and is done
     first; with windowed batching it would wait for the long answer's batch to end."""

@@ -233,6 +233,9 @@ def serve(
     ] = None,
     engine: Annotated[str, typer.Option(help="engine of the local models: hf, vllm")] = "hf",
     max_n: Annotated[int, typer.Option(help="largest n (choices per request) a request may ask for")] = 8,
+    system_messages: Annotated[
+        str, typer.Option(help="role duet: a system message is a 400 (reject) or dropped (ignore)")
+    ] = "reject",
 ) -> None:
     """Serve M -> z -> m (or M alone) as an OpenAI-compatible API: /v1/chat/completions, /v1/models, /health."""
     from duetlm.config import build_config
@@ -259,6 +262,7 @@ def serve(
         api_key=api_key,
         engine=engine,
         max_n=max_n,
+        system_messages=system_messages,
     )
     run_server(build_config(ServeConfig, options, origin="duetlm serve options"))
 

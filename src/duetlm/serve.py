@@ -6,6 +6,8 @@ uses it).
 
 Roles.
 - `duet` (default): the last (only) user message is the problem x; M writes the signal z, m answers.
+  A system message is a 400, or dropped with `system_messages: ignore` (M and m read x through
+  duetlm's own prompts, so a system prompt cannot reach them).
   The answer is `message.content`, z is `message.reasoning_content`; `usage` counts both models'
   tokens and breaks them down under `usage.large` / `usage.small` (`completion_tokens_details.
   reasoning_tokens` = M's tokens). Request options: `max_tokens` caps m's answer; the extension
@@ -106,6 +108,11 @@ class ServeConfig(Strict):
     max_answer_tokens: int = Field(256, ge=1, description="default cap on m's answer tokens")
     max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (samples per request) a request may ask for")
+    system_messages: Literal["reject", "ignore"] = Field(
+        "reject",
+        description="role duet: a system message is a 400 (reject) or dropped (ignore); M and m read the "
+        "question through duetlm's own prompts, so a system prompt cannot reach them",
+    )
     temperature: float = Field(0.0, ge=0.0, description="default temperature (0 = greedy)")
     max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
     remote_timeout_s: float = Field(120.0, gt=0, description="per-request timeout towards --large-url")
@@ -295,11 +302,19 @@ def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
         raise ApiError(
             400, f"the last message must come from the user (got {messages[-1]['role']!r})", param="messages"
         )
+    if cfg.role == "duet" and cfg.system_messages == "ignore":
+        messages = [m for m in messages if m["role"] != "system"]
     if cfg.role == "duet" and len(messages) != 1:
         roles = ", ".join(m["role"] for m in messages)
+        hint = (
+            " (a server started with --system-messages ignore drops system messages)"
+            if "system" in roles
+            else ""
+        )
         raise ApiError(
             400,
-            f"the duet pipeline answers one question: send exactly one user message (got roles {roles})",
+            f"the duet pipeline answers one question: send exactly one user message (got roles {roles})"
+            + hint,
             param="messages",
         )
     if not messages[-1]["content"].strip():
