@@ -175,6 +175,44 @@ def test_max_batch_is_respected_and_every_request_completes(engines):
     assert batcher.stats.requests == len(prompts)
 
 
+def test_equal_prompts_admitted_together_share_one_prefill(engines):
+    """A request's n choices are n requests with one prompt: admitted together, the prompt is prefilled
+    once and its cache copied to each row; every choice is still what HFEngine gives it alone."""
+    engine = engines["qwen3"]
+    prompts = _ids(engine, TEXTS)
+    sampled = [
+        SamplingParams(temperature=1.0, max_new_tokens=10, seed=s, logprobs=True, top_logprobs=2)
+        for s in (1, 2, 3, 4)
+    ]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    late = [(prompts[3], sp) for sp in sampled] + [(prompts[1], greedy), (prompts[3], greedy)]
+    futures = []
+    batcher = ContinuousBatcher(engine, max_batch=8)
+
+    def on_first(tok: int) -> None:  # the batcher's thread: all six wait for the same admission
+        if not futures:
+            futures.extend(batcher.submit(p, sp) for p, sp in late)
+            submitted.set()
+
+    submitted = threading.Event()
+    try:
+        head = batcher.submit(prompts[0], greedy, on_first)
+        assert submitted.wait(TIMEOUT)
+        out = [f.result(TIMEOUT) for f in [head, *futures]]
+    finally:
+        batcher.close()
+    assert batcher.stats.prefills == 2 and batcher.stats.prefill_rows == 1 + 2
+    for got, (prompt, sp) in zip(out[1:], late, strict=True):
+        want = _alone(engine, prompt, sp)
+        assert got.token_ids == want.token_ids and got.prompt_token_ids == prompt
+        if sp.logprobs:
+            assert got.logprobs == pytest.approx(want.logprobs, abs=LOGPROB_TOL)
+            assert [[t for t, _ in top] for top in got.top_logprobs] == [
+                [t for t, _ in top] for top in want.top_logprobs
+            ]
+    assert len({tuple(g.token_ids) for g in out[1:5]}) == 4  # four seeds, four different choices
+
+
 def test_admit_count_follows_the_ratio_and_the_wait():
     # Nothing running, or enough waiting for the ratio, or the oldest waited long enough: all that fit.
     assert admit_count(3, 0, 8, 0, ratio=2.0, max_wait=16) == 3

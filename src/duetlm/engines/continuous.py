@@ -56,11 +56,13 @@ class BatcherClosed(RuntimeError):
 
 @dataclass
 class BatcherStats:
-    """Counters: decode steps, prefill calls, admitted requests, generated tokens, rows summed over
+    """Counters: decode steps, prefill calls, prompts those prefilled (equal prompts admitted together
+    count once), admitted requests, generated tokens, rows summed over
     decode steps, the most rows in one step, and how often leading padding columns were trimmed."""
 
     steps: int = 0
     prefills: int = 0
+    prefill_rows: int = 0
     requests: int = 0
     generated_tokens: int = 0
     row_steps: int = 0
@@ -72,6 +74,7 @@ class BatcherStats:
         return {
             "steps": self.steps,
             "prefills": self.prefills,
+            "prefill_rows": self.prefill_rows,
             "requests": self.requests,
             "generated_tokens": self.generated_tokens,
             "mean_batch": round(mean, 3),
@@ -312,17 +315,28 @@ class ContinuousBatcher:
         return forward_last(self.model, self._cache_kw, input_ids, mask, pos, cache)  # (B, V), cache
 
     def _admit(self, new: list[_Request]) -> None:
-        """Prefill `new` together, take their first tokens, and merge the survivors into the batch."""
+        """Prefill `new` together, take their first tokens, and merge the survivors into the batch.
+
+        Requests with the same prompt (a request's n choices) share one prefill: the prompt runs once
+        and its KV cache and logits are copied to each of its rows, as `HFEngine` does for n samples."""
         try:
-            width = max(len(r.prompt_ids) for r in new)
-            ids = torch.full((len(new), width), self._pad, dtype=torch.long, device=self._device)
-            mask = torch.zeros((len(new), width), dtype=torch.long, device=self._device)
-            for i, r in enumerate(new):
-                ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, device=self._device)
-                mask[i, width - len(r.prompt_ids) :] = 1
+            first: dict[tuple[int, ...], int] = {}
+            owner = [first.setdefault(tuple(r.prompt_ids), len(first)) for r in new]
+            prompts = list(first)
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), self._pad, dtype=torch.long, device=self._device)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self._device)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p) :] = torch.tensor(p, device=self._device)
+                mask[i, width - len(p) :] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits, cache = self._forward(ids, mask, pos, None)
+            if len(prompts) < len(new):  # one row per request from here on
+                expand = torch.tensor(owner, device=self._device)
+                logits, mask, pos = logits[expand], mask[expand], pos[expand]
+                cache.batch_select_indices(expand)
             self.stats.prefills += 1
+            self.stats.prefill_rows += len(prompts)
             self.stats.requests += len(new)
             nxt, keep = self._advance(new, logits)
             if not keep:
