@@ -89,6 +89,17 @@ def test_logprobs_match_a_forward_pass(tiny_engine):
                 assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
 
 
+def test_a_vanishing_temperature_is_greedy(tiny_engine):
+    """A temperature of 1e-30 would divide the logits into inf and the distribution into NaN: below
+    GREEDY_BELOW it decodes greedily, as vLLM does."""
+    tiny = SamplingParams(temperature=1e-30, max_new_tokens=8, seed=1)
+    assert tiny.temperature == 0.0
+    assert SamplingParams(temperature=2e-5).temperature == 2e-5
+    greedy = tiny_engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8))
+    got = tiny_engine.generate(PROMPTS, tiny)
+    assert [gs[0].token_ids for gs in got] == [gs[0].token_ids for gs in greedy]
+
+
 def test_left_padding_matches_unpadded(tiny_engine):
     """A short prompt in a batch with a long one decodes exactly as it does alone."""
     sp = SamplingParams(temperature=0.0, max_new_tokens=10, logprobs=True)

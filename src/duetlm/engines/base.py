@@ -20,9 +20,15 @@ TextCallback = Callable[[int, str], None]
 OutputCallback = Callable[[int, Any], None]
 
 
+# Temperatures below this decode greedily (vLLM's rule too): dividing logits by 1e-30 overflows to inf
+# and the sampling distribution to NaN.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding options. `temperature=0` means greedy (top_p/top_k ignored).
+    """Decoding options. `temperature=0` means greedy (top_p/top_k ignored); so does any temperature
+    below `GREEDY_BELOW` (it is set to 0).
 
     `stop`: strings that end a sample; the stop string is kept in `text` and in `token_ids` (the trainer
     must train on the token that ended the sample). `stop_token_ids`: token ids that end a sample
@@ -43,6 +49,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        if 0 < self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
 
 @dataclass
