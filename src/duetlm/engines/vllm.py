@@ -248,8 +248,9 @@ class VLLMEngine:
         """Like `generate`, from token ids (the trainer and the truncation baseline use ids).
 
         With `on_token`, the requests go through vLLM's engine step by step (rendered by its
-        `Renderer`, then `LLMEngine.add_request` and `step`, cumulative outputs) and each new token is reported as it comes: the same requests,
-        parameters and seeds as `LLM.generate`, so the same samples.
+        `Renderer`, then `LLMEngine.add_request` and `step`, cumulative outputs) and each new token
+        is reported as it comes: the same requests, parameters and seeds as `LLM.generate`, so the
+        same samples.
         """
         start = time.perf_counter()
         if any(len(p) == 0 for p in prompt_ids):
