@@ -439,8 +439,13 @@ def test_duet_server_with_a_remote_large_reproduces_the_local_pipeline(large_cli
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         r = ask(c)
         streamed = list(ask(c, stream=True))
+        # The last int64 seed with n > 1: choice i's seed wraps within int64, which the remote accepts
+        edge = c.chat.completions.create(
+            model="duet", messages=[{"role": "user", "content": Q}], n=3, seed=2**63 - 1, max_tokens=4
+        )
     finally:
         server.__exit__()
+    assert len(edge.choices) == 3
     (expected,) = local.run([Q])
     assert r.choices[0].message.reasoning_content == expected.signal.text
     assert r.choices[0].message.content == expected.answer

@@ -810,7 +810,9 @@ class DuetService:
         """The sampling options of choice `index` (with n > 1 and a seed, choice i samples with seed + i,
         so choice 0 is what the same request with n = 1 gets)."""
         req = chat.request
-        seed = None if req.seed is None else req.seed + index
+        # Choice i samples with seed + i, wrapped into int64 (what the request's seed is, and what a
+        # remote M's server accepts).
+        seed = None if req.seed is None else (req.seed + index + 2**63) % 2**64 - 2**63
         return SamplingParams(
             temperature=self.cfg.temperature if req.temperature is None else req.temperature,
             top_p=req.top_p,
