@@ -93,6 +93,7 @@ def test_openai_client_gets_signal_answer_and_usage(client, local):
     r = ask(client)
     msg = r.choices[0].message
     assert msg.reasoning_content == expected.signal.text
+    assert msg.reasoning == expected.signal.text  # vLLM's name for it, for clients that read that one
     assert msg.content == expected.answer
     assert r.choices[0].finish_reason == expected.small_finish
     u = r.usage
@@ -118,6 +119,9 @@ def test_streaming_matches_the_plain_answer(client):
         "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
         == plain.choices[0].message.reasoning_content
     )
+    assert [getattr(d, "reasoning", None) for d in deltas] == [
+        getattr(d, "reasoning_content", None) for d in deltas
+    ]
     assert "".join(d.content or "" for d in deltas) == plain.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         plain.choices[0].finish_reason

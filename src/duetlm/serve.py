@@ -633,6 +633,12 @@ def _stage_key(params: SamplingParams) -> StageKey:
     return StageKey(params, alone)
 
 
+def _reasoning(text: str) -> dict[str, str]:
+    """M's thinking under both names clients read: `reasoning_content` (DeepSeek's, most clients) and
+    `reasoning` (vLLM's since it deprecated the other)."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
 def _duet_fields(outcome: DuetOutcome) -> dict[str, Any]:
     return {"signal_complete": outcome.signal.complete, "large_finish": outcome.large.finish_reason}
 
@@ -973,7 +979,7 @@ class DuetService:
         choices = []
         for i, outcome in enumerate(outcomes):
             content, finish = self.choice_fields(chat, outcome)
-            message = {"role": "assistant", "content": content, "reasoning_content": outcome.signal.text}
+            message = {"role": "assistant", "content": content, **_reasoning(outcome.signal.text)}
             choices.append(
                 {
                     "index": i,
@@ -1064,9 +1070,9 @@ class DuetService:
                     return
                 if kind == "large":
                     text = signals[i].push_text(value) if isinstance(value, str) else signals[i].push(value)
-                    delta = {"reasoning_content": text}
+                    delta = _reasoning(text)
                 elif kind == "signal":
-                    delta = {"reasoning_content": signals[i].finish(value.signal.text)}
+                    delta = _reasoning(signals[i].finish(value.signal.text))
                 elif kind == "small":
                     delta = {"content": answers[i].push(value)}
                 else:  # done
