@@ -827,7 +827,7 @@ class DuetService:
             stop=stop,
             seed=seed,
             logprobs=logprobs,
-            top_logprobs=(req.top_logprobs or 0) if logprobs else 0,
+            top_logprobs=req.top_logprobs or 0,  # SamplingParams drops it without logprobs
         )
 
     def _user_stop(self, chat: ParsedChat) -> tuple[str, ...]:

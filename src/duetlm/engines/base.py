@@ -36,7 +36,8 @@ class SamplingParams:
     the whole call. `logprobs`: return the log-probability of each generated token under the sampling
     distribution *before* temperature/top-k/top-p (the policy's own log-prob, which GRPO needs).
     `top_logprobs`: with `logprobs`, also the `top_logprobs` most likely tokens at each step under that
-    same distribution (OpenAI's `top_logprobs`; 0: none).
+    same distribution (OpenAI's `top_logprobs`; 0: none; set to 0 without `logprobs`, so engines read
+    `top_logprobs` alone).
     """
 
     temperature: float = 1.0
@@ -53,6 +54,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if 0 < self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)
+        if self.top_logprobs and not self.logprobs:
+            object.__setattr__(self, "top_logprobs", 0)
 
 
 @dataclass

@@ -57,8 +57,8 @@ class BatcherClosed(RuntimeError):
 @dataclass
 class BatcherStats:
     """Counters: decode steps, prefill calls, prompts those prefilled (equal prompts admitted together
-    count once), admitted requests, generated tokens, rows summed over
-    decode steps, the most rows in one step, and how often leading padding columns were trimmed."""
+    count once), admitted requests, generated tokens, rows summed over decode steps, the most rows in
+    one step, and how often leading padding columns were trimmed."""
 
     steps: int = 0
     prefills: int = 0
@@ -108,10 +108,6 @@ class _Running:
     mask: torch.Tensor
     pos: torch.Tensor
     last: torch.Tensor
-
-
-def _n_top(sp: SamplingParams) -> int:
-    return sp.top_logprobs if sp.logprobs else 0
 
 
 def admit_count(waiting: int, running: int, room: int, oldest_wait: int, ratio: float, max_wait: int) -> int:
@@ -406,15 +402,15 @@ class ContinuousBatcher:
             # The policy's own log-prob: log-softmax of the raw logits, before temperature/top-k/top-p.
             logp = torch.log_softmax(logits, dim=-1)
             lp_list = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
-            n_top = max(_n_top(r.sampling) for r in rows)
+            n_top = max(r.sampling.top_logprobs for r in rows)
             top_list = top_tokens(logp, n_top) if n_top else None
         keep: list[int] = []
         for i, (req, tok) in enumerate(zip(rows, nxt.tolist(), strict=True)):
             req.tokens.append(tok)
             if lp_list is not None and req.sampling.logprobs:
                 req.logprobs.append(lp_list[i])
-            if top_list is not None and _n_top(req.sampling):
-                req.top_logprobs.append(top_list[i][: _n_top(req.sampling)])
+            if top_list is not None and req.sampling.top_logprobs:
+                req.top_logprobs.append(top_list[i][: req.sampling.top_logprobs])
             self.stats.generated_tokens += 1
             try:
                 if req.on_token is not None:
@@ -461,7 +457,7 @@ class ContinuousBatcher:
             finish_reason=req.finish or "length",
             prompt_token_ids=req.prompt_ids,
             logprobs=req.logprobs if req.sampling.logprobs else None,
-            top_logprobs=req.top_logprobs if _n_top(req.sampling) else None,
+            top_logprobs=req.top_logprobs if req.sampling.top_logprobs else None,
         )
 
     @staticmethod

@@ -210,7 +210,7 @@ class HFEngine:
         tokens: list[list[int]] = [[] for _ in range(bsz)]
         logps: list[list[float]] = [[] for _ in range(bsz)]
         tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(bsz)]
-        n_top = sp.top_logprobs if sp.logprobs else 0
+        n_top = sp.top_logprobs  # 0 unless logprobs (SamplingParams sees to it)
         finish: list[str | None] = [None] * bsz
         alive = torch.arange(bsz, device=device)  # rows of the original batch still decoding
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
