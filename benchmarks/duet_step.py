@@ -56,11 +56,10 @@ def tiny_models(root: Path, large_hidden: int, large_layers: int, small_hidden: 
     """M (Qwen3) and m (Llama) with random weights and a shared BPE tokenizer, saved under `root`."""
     from transformers.utils import logging as hf_logging
 
-    from duetlm.models import save_pretrained, tiny_model, train_tokenizer
-    from duetlm.trainer import _tiny_corpus
+    from duetlm.models import save_pretrained, tiny_corpus, tiny_model, train_tokenizer
 
     hf_logging.disable_progress_bar()
-    tok = train_tokenizer(_tiny_corpus(0), vocab_size=384)
+    tok = train_tokenizer(tiny_corpus(0), vocab_size=384)
     heads = max(large_hidden // 32, 1)  # head_dim 32
     large = tiny_model(
         tok, arch="qwen3", hidden_size=large_hidden, num_layers=large_layers, num_heads=heads, seed=1
@@ -99,7 +98,7 @@ def build_config(large: str, small: str, run_dir: Path, overrides: list[str]) ->
 
 def run(cfg: object, warmup: int, steps: int) -> list[dict[str, float]]:
     """Metrics of `steps` measured steps after `warmup` unmeasured ones."""
-    from duetlm.trainer import DuetTrainer
+    from duetlm.train import DuetTrainer
 
     trainer = DuetTrainer(cfg)
     trainer.setup()

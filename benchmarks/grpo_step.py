@@ -50,11 +50,10 @@ def build_models(root: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     """One random Qwen3 model, saved twice: as is (TRL) and with no EOS anywhere (duetlm)."""
     from transformers.utils import logging as hf_logging
 
-    from duetlm.models import save_pretrained, tiny_model, train_tokenizer
-    from duetlm.trainer import _tiny_corpus
+    from duetlm.models import save_pretrained, tiny_corpus, tiny_model, train_tokenizer
 
     hf_logging.disable_progress_bar()
-    tok = train_tokenizer(_tiny_corpus(0), vocab_size=384)
+    tok = train_tokenizer(tiny_corpus(0), vocab_size=384)
     model = tiny_model(
         tok, arch="qwen3", hidden_size=hidden, num_layers=layers, num_heads=max(hidden // 32, 1), seed=1
     )
@@ -86,7 +85,7 @@ def answer_reward(texts: list[str], problems: list) -> list[float]:
 def duetlm_run(model_dir: Path, run_dir: Path, args: argparse.Namespace) -> tuple[list[float], float]:
     """Seconds of each measured step, and the mean completion length."""
     from duetlm.config import TrainConfig, build_config
-    from duetlm.trainer import DuetTrainer
+    from duetlm.train import DuetTrainer
 
     cfg = build_config(
         TrainConfig,

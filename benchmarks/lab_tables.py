@@ -115,7 +115,7 @@ def trainer_config(
 ) -> Any:
     """The demo's DUET TrainConfig with the variant's mode, schedule and overrides (validated again)."""
     from duetlm.config import TrainConfig
-    from duetlm.trainer import MODES
+    from duetlm.modes import MODES
 
     d = train_config(cfg, ws, run_dir).model_dump()
     d["mode"], d["schedule"] = v.mode, v.schedule
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from duetlm.engines.hf import HFEngine
     from duetlm.models import cache_dir, load_model
-    from duetlm.trainer import DuetTrainer
+    from duetlm.train import DuetTrainer
 
     hf_logging.disable_progress_bar()
     start = time.perf_counter()

@@ -30,7 +30,7 @@ from duetlm.config import ConfigError, TrainConfig, build_config
 from duetlm.distributed import generation_blocks, local_minibatches, micro_batch_plan, shard_bounds
 from duetlm.logging_utils import read_jsonl
 from duetlm.problems import Problem
-from duetlm.trainer import DuetTrainer
+from duetlm.train import DuetTrainer
 
 PROBLEMS = [
     Problem(id=f"d{i}", question=f"What is {a} + {b}?", answer=str(a + b), source="test")

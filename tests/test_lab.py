@@ -122,7 +122,7 @@ def test_load_problems_splits_never_share_a_question():
 
 
 def test_trainer_source_hook_reaches_the_lab():
-    from duetlm.trainer import load_source
+    from duetlm.problems import load_source
 
     problems = load_source("lab:chain5", "validation", 7)
     assert len(problems) == 7 and problems[0].question.count("S") == 5

@@ -20,24 +20,26 @@ from safetensors.torch import load_file
 from conftest import arithmetic_problems, tiny_train_config
 from duetlm.checkpoint import COMPLETE, latest_checkpoint, load_state
 from duetlm.config import ConfigError, TrainConfig, load_config
-from duetlm.engines.base import Generation
+from duetlm.engines.base import Generation, SamplingParams
 from duetlm.errors import DataError, DuetError, ModelLoadError
+from duetlm.grading import grade
 from duetlm.logging_utils import read_jsonl
-from duetlm.problems import Problem
+from duetlm.pipeline import DuetPipeline
+from duetlm.problems import Problem, load_source, register_source
 from duetlm.protocol import extract_signal
-from duetlm.trainer import (
+from duetlm.train import (
     DuetTrainer,
     Rollout,
     Samples,
     SmallRollout,
+    StepBatch,
     StepOutcome,
     TrainingError,
     UpdateSpec,
     batch_indices,
     epoch_order,
-    load_source,
+    phases,
     policy_update,
-    register_source,
     split_holdout,
 )
 
@@ -99,8 +101,6 @@ def test_mode_and_schedule_run_end_to_end(tmp_path, tiny_dir, tiny_llama_dir, mo
     for r in records:
         assert all(isinstance(v, float) and v == v for k, v in r.items() if k != "step"), r
         assert 1 <= r["tokens/large_mean"] <= 8
-        # π_old from the engine matches the update's own forward pass: the ratio starts at 1.
-        assert abs(r["large/ratio_max"] - 1) < 1e-4 if "large/ratio_max" in r else True
     ckpt = result.checkpoint
     assert ckpt == result.run_dir / "checkpoints" / "step_000002" and (ckpt / COMPLETE).is_file()
     start_large = weights(tiny_dir)
@@ -117,6 +117,9 @@ def test_mode_and_schedule_run_end_to_end(tmp_path, tiny_dir, tiny_llama_dir, mo
         assert updated == [{"large"}] * 2
         start_small = weights(tiny_llama_dir)
         assert all(torch.equal(start_small[k], v) for k, v in weights(ckpt / "small").items())
+    for r, models in zip(records, updated, strict=True):
+        for role in models:  # π_old from the engine matches the update's own forward pass: ratio 1
+            assert abs(r[f"{role}/ratio_max"] - 1) < 1e-4, (role, r)
     if mode in ("duet", "single"):  # λ follows the dual ascent: λ_1 = clip(0 + 0.1 (L/4 − 1))
         first = records[0]
         expected = min(max(0.1 * (first["length/penalised_mean"] / 4 - 1), 0.0), 1.0)
@@ -165,8 +168,20 @@ def test_checkpoint_is_a_normal_hf_directory_and_restores_state(tmp_path, tiny_d
     assert (ckpt / "config.yaml").is_file() and (result.run_dir / "config.yaml").is_file()
     assert list((result.run_dir / "tb").glob("events.out.tfevents.*"))
     records = metrics_of(result.run_dir)
-    assert "val/accuracy" not in records[0] and 0.0 <= records[1]["val/accuracy"] <= 1.0
-    assert records[1]["val/large_tokens"] >= 1
+    assert "val/accuracy" not in records[0]
+    # Validation is the pipeline's greedy M → z → m on the checkpoint's weights, graded as eval grades.
+    pipe = DuetPipeline(
+        trainer.policies["large"].engine,
+        trainer.policies["small"].engine,
+        SamplingParams(temperature=0.0, max_new_tokens=8),
+        SamplingParams(temperature=0.0, max_new_tokens=6),
+    )
+    results = pipe.run([p.question for p in PROBLEMS[6:]])
+    assert (
+        records[1]["val/accuracy"]
+        == sum(grade(r.answer, p) for r, p in zip(results, PROBLEMS[6:], strict=True)) / 4
+    )
+    assert records[1]["val/large_tokens"] == sum(r.large_tokens for r in results) / 4 >= 1
 
     # A new trainer resuming from the checkpoint has the same λ, step, data cursor, optimizer state.
     resumed = DuetTrainer(cfg, train_problems=PROBLEMS[:6], val_problems=PROBLEMS[6:])
@@ -312,12 +327,22 @@ def test_empty_signal_is_valid_and_tied_rewards_give_zero_advantages(tmp_path, t
     large = Samples.from_generations(gens)
     roll = Rollout(large, [extract_signal("</think>")] * 4, torch.zeros(4))
     assert roll.signals[0].text == "" and roll.signals[0].complete
-    problems = PROBLEMS[:2]
-    small = SmallRollout(trainer._guided(problems, roll, 1), trainer._unguided(problems, roll, 1))
+    batch = StepBatch(PROBLEMS[:2], step=1, seed=cfg.seed)
+    ro, mu = cfg.rollout, cfg.objective.mu_baseline
+    small = SmallRollout(
+        phases.guided(trainer.pipeline, batch, roll, ro.small, ro.n_small),
+        phases.unguided(trainer.pipeline, batch, roll, ro.small, ro.n_small, mu),
+    )
     assert len(small.guided) == 4 * 2 and len(small.unguided) == 2 * 2
-    grades = trainer._grade(problems, roll, small)
-    rewards = trainer._rewards(1, roll, small, grades, None)
-    adv = trainer._advantages(roll, small, rewards)
+    grading = phases.Grading(workers=1)
+    parts = {
+        part: grading.submit(*phases.grade_inputs(part, batch.problems, roll, small, mu))
+        for part in ("guided", "unguided")
+    }
+    grades = phases.Grading.collect(parts)
+    grading.close()
+    rewards = phases.rewards(cfg.mode, cfg.objective, trainer.lam.value, 1, roll, grades, ro.n_small)
+    adv = phases.advantages(cfg.grpo, roll, small, rewards, trainer.dist, batch.lo)
     # Every rollout has the same length and m (random) fails everywhere: all rewards tie.
     assert torch.equal(rewards.large, torch.zeros(4)) and torch.equal(adv.large, torch.zeros(4))
     assert torch.equal(adv.small, torch.zeros(8))
@@ -372,7 +397,7 @@ def test_shared_prompt_pass_equals_full_sequences(tiny_dir, autocast):
     same gradients as the plain [prompt | response] rows, which match grpo.model_token_logprobs."""
     from duetlm.grpo import model_token_logprobs
     from duetlm.models import load_model
-    from duetlm.trainer import micro_logprobs
+    from duetlm.train import micro_logprobs
 
     model, tok = load_model(str(tiny_dir), device="cpu", trainable=True)
     pad = tok.pad_token_id
@@ -421,11 +446,11 @@ def test_consecutive_bad_updates_stop_the_run(tmp_path, tiny_dir, tiny_llama_dir
     try:
         for step, bad in enumerate([True, False, True], start=1):
             trainer.step = step
-            trainer._finish_step(StepOutcome({"x": 0.0}, bad_update=bad), logger)
+            trainer.finish_step(StepOutcome({"x": 0.0}, bad_update=bad), logger)
         assert trainer.bad_steps == 1
         trainer.step = 4
         with pytest.raises(TrainingError, match="2 steps in a row"):
-            trainer._finish_step(StepOutcome({"x": 0.0}, bad_update=True), logger)
+            trainer.finish_step(StepOutcome({"x": 0.0}, bad_update=True), logger)
     finally:
         logger.close()
 
@@ -513,7 +538,7 @@ def test_shipped_configs_validate():
 
 
 def test_tiny_config_trains_through_the_cli(tmp_path):
-    from duetlm.trainer import init_tiny
+    from duetlm.models import init_tiny
 
     paths = init_tiny(tmp_path / "models")
     r = subprocess.run(
@@ -544,3 +569,72 @@ def test_tiny_config_trains_through_the_cli(tmp_path):
         record["val/large_tokens"] >= 1
         and (tmp_path / "run" / "checkpoints" / "step_000001" / COMPLETE).is_file()
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and evaluation grade alike (one M → z → m path)
+
+
+def _teach_unclosed_answers(model_dir: Path, out: Path, problems: list[Problem]) -> Path:
+    """A copy of the tiny M taught (a few seconds of SFT) to answer each problem with `\\boxed{a}`
+    and stop, without ever closing its thinking block: its graded answer is its whole response."""
+    from duetlm.models import load_model, save_pretrained
+    from duetlm.protocol import large_prompt
+
+    torch.manual_seed(0)
+    model, tok = load_model(str(model_dir), device="cpu", trainable=True)
+    rows = []
+    for p in problems:
+        prompt = tok.encode(large_prompt(tok, p.question), add_special_tokens=False)
+        target = tok.encode(f"\\boxed{{{p.answer}}}", add_special_tokens=False) + [tok.eos_token_id]
+        rows.append((torch.tensor([prompt + target]), len(prompt)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        for ids, n in rows:
+            labels = ids.clone()
+            labels[:, :n] = -100
+            model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return save_pretrained(model, tok, out)
+
+
+def test_single_mode_validation_equals_eval_original_on_unclosed_thinking(tmp_path, tiny_dir):
+    """`val/accuracy` of a `single` run = `duetlm eval --methods original` on the same weights and
+    decoding, when M's response never closes `</think>` (both grade the whole response; training once
+    graded it as empty)."""
+    from duetlm.evaluate import make_config, run_eval
+
+    val = PROBLEMS[6:9]
+    taught = _teach_unclosed_answers(tiny_dir, tmp_path / "taught", val)
+    cfg = tiny_train_config(
+        tmp_path,
+        taught,
+        taught,
+        mode="single",
+        small=None,
+        optim={"lr_large": 1e-9},
+        run={"steps": 1},
+        logging={"val_every": 1},
+    )
+    result = DuetTrainer(cfg, train_problems=PROBLEMS[:6], val_problems=val).train()
+    (record,) = metrics_of(result.run_dir)
+    data = write_problems(tmp_path / "val.jsonl", val)
+    # original's budget is M's thinking cap + the answer cap: 6 + 2 = rollout.large.max_new_tokens (8).
+    summary = run_eval(
+        make_config(
+            large=str(result.checkpoint / "large"),
+            benchmarks=[str(data)],
+            methods=["original"],
+            output=str(tmp_path / "eval"),
+            max_signal_tokens=6,
+            max_answer_tokens=2,
+            device="cpu",
+        ),
+        progress=False,
+    )
+    (metrics,) = summary.metrics
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").open()]
+    assert len(rows) == 3 and not any(r["signal_complete"] for r in rows)  # the block never closes
+    assert record["val/accuracy"] == metrics.accuracy > 0.5
+    assert record["val/large_tokens"] == metrics.large_tokens

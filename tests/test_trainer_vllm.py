@@ -69,7 +69,7 @@ def test_trainer_refuses_vllm_with_several_processes_or_without_vllm(tmp_path, t
     import importlib.util
 
     from duetlm.engines.vllm import VLLMUnavailableError
-    from duetlm.trainer import DuetTrainer
+    from duetlm.train import DuetTrainer
 
     cfg = vllm_config(tmp_path, tiny_dir, tiny_dir)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -128,7 +128,8 @@ def test_duet_run_with_vllm_rollouts_pushes_weights_and_resumes(tmp_path, vllm_m
     from duetlm.engines.vllm import VLLMEngine
     from duetlm.logging_utils import read_jsonl
     from duetlm.models import load_model
-    from duetlm.trainer import DuetTrainer, sequence_logprobs
+    from duetlm.train import DuetTrainer, StepBatch, phases, sequence_logprobs
+    from duetlm.train.policy import wrap_lora
 
     large_dir, small_dir = vllm_models
     cfg = vllm_config(tmp_path, large_dir, small_dir)
@@ -167,7 +168,8 @@ def test_duet_run_with_vllm_rollouts_pushes_weights_and_resumes(tmp_path, vllm_m
 
         # Sampled rollouts from vLLM are on-policy for the training copy: its log-probs of vLLM's
         # samples are vLLM's own (so π_θ / π_old ≈ 1 even without recomputing π_old).
-        roll = trainer._rollout(PROBLEMS[:2], step=3)
+        ro = trainer.cfg.rollout
+        roll = phases.rollout(trainer.pipeline, StepBatch(PROBLEMS[:2], 3, trainer.cfg.seed), ro.large, ro.n)
         mine = sequence_logprobs(policy.model, roll.large, policy.pad_id, policy.spec)
         assert roll.large.old_logprobs is not None
         assert (
@@ -177,7 +179,7 @@ def test_duet_run_with_vllm_rollouts_pushes_weights_and_resumes(tmp_path, vllm_m
 
         # LoRA: the push merges the adapter (vLLM takes plain checkpoint names), on the same engine.
         base, _ = load_model(str(large_dir), dtype="float32", device="cpu")
-        adapted = trainer._wrap_lora(base, policy.cfg, None)
+        adapted = wrap_lora(base, trainer.cfg.lora, policy.cfg.gradient_checkpointing, None)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for name, p in adapted.named_parameters():

@@ -98,7 +98,7 @@ def train(
 ) -> None:
     """Train M (and m) with GRPO on the DUET objective or a baseline; checkpoints are resumable."""
     from duetlm.config import TrainConfig, load_config
-    from duetlm.trainer import run_training
+    from duetlm.train import run_training
 
     cfg = load_config(TrainConfig, config, set_)
     result = run_training(cfg, resume=resume, run_dir=run_dir)
@@ -114,7 +114,7 @@ def init_tiny(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Build a tiny random M and m (Qwen3 architecture, local tokenizer) for configs/tiny.yaml."""
-    from duetlm.trainer import init_tiny as build
+    from duetlm.models import init_tiny as build
 
     paths = build(out_dir, seed=seed)
     typer.echo(f"M: {paths['large']}\nm: {paths['small']}")

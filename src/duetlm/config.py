@@ -15,6 +15,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from duetlm.errors import DuetError
+from duetlm.modes import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    LAMBDA_SCHEDULES,
+    LENGTH_MEASURES,
+    MODES,
+    MU_BASELINES,
+    SCHEDULES,
+    SMALL_GROUPS,
+    check_name,
+)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -143,16 +154,8 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Training (`duetlm train`; algorithm.md §2-§5, paper Appendix C). Names of dispatched choices (mode,
-# mu_baseline, advantage, loss_agg, ...) are checked against the dispatch tables of objective.py,
-# grpo.py and trainer.py, so a typo lists the valid names; those modules import torch, so the check
-# imports them lazily, at validation time.
-
-
-def _check_name(value: str, valid: Any, what: str) -> str:
-    names = list(valid)
-    if value not in names:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(names)}")
-    return value
+# mu_baseline, advantage, loss_agg, ...) are checked against `duetlm.modes` (torch-free; the dispatch
+# tables of objective.py and grpo.py must cover exactly those names), so a typo lists the valid names.
 
 
 class LoraSettings(Strict):
@@ -172,7 +175,7 @@ class DataConfig(Strict):
     `source` (and `val_source`) is anything `duetlm.problems.load_problems` accepts (a registered name
     such as `deepscaler`, `math-lighteval`, `dapo17k`, `math500`; a .jsonl/.json/.parquet/.csv file; a
     Hugging Face dataset id) or `PREFIX:NAME` for a registered source hook (`lab:<task>` for
-    `duetlm.lab`; see `duetlm.trainer.register_source`).
+    `duetlm.lab`; see `duetlm.problems.register_source`).
     """
 
     source: str | None = Field(
@@ -214,6 +217,18 @@ class DataConfig(Strict):
         return {k: v for k, v in options.items() if v is not None}
 
 
+# The keyword options of `duetlm.engines.vllm.VLLMEngine` a training config may set (`rollout.vllm`);
+# a test keeps this in step with the engine's signature, which config.py does not import.
+VLLM_OPTIONS = (
+    "max_model_len",
+    "enforce_eager",
+    "gpu_memory_utilization",
+    "kv_cache_gib",
+    "sleep_mode",
+    "llm_kwargs",
+)
+
+
 class RolloutConfig(Strict):
     """One step's rollouts: prompts, group sizes, and decoding for M and m (algorithm.md §2 items 1-3)."""
 
@@ -247,15 +262,7 @@ class RolloutConfig(Strict):
     @field_validator("vllm")
     @classmethod
     def _vllm_options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        import inspect
-
-        from duetlm.engines.vllm import VLLMEngine  # imports without vllm itself
-
-        valid = [
-            n
-            for n in inspect.signature(VLLMEngine.__init__).parameters
-            if n not in ("self", "spec", "dtype", "seed")
-        ]
+        valid = VLLM_OPTIONS
         unknown = sorted(set(v) - set(valid))
         if unknown:
             raise ValueError(f"unknown rollout.vllm option(s) {unknown}; valid: {', '.join(valid)}")
@@ -308,23 +315,17 @@ class ObjectiveConfig(Strict):
     @field_validator("mu_baseline")
     @classmethod
     def _mu(cls, v: str) -> str:
-        from duetlm.objective import MU_BASELINES
-
-        return _check_name(v, MU_BASELINES, "mu_baseline")
+        return check_name(v, MU_BASELINES, "mu_baseline")
 
     @field_validator("length_measure")
     @classmethod
     def _length(cls, v: str) -> str:
-        from duetlm.objective import LENGTH_MEASURES
-
-        return _check_name(v, LENGTH_MEASURES, "length_measure")
+        return check_name(v, LENGTH_MEASURES, "length_measure")
 
     @field_validator("lambda_schedule")
     @classmethod
     def _lam(cls, v: str) -> str:
-        from duetlm.objective import LAMBDA_SCHEDULES
-
-        return _check_name(v, LAMBDA_SCHEDULES, "lambda_schedule")
+        return check_name(v, LAMBDA_SCHEDULES, "lambda_schedule")
 
 
 class GRPOConfig(Strict):
@@ -351,23 +352,17 @@ class GRPOConfig(Strict):
     @field_validator("advantage", "small_advantage")
     @classmethod
     def _adv(cls, v: str) -> str:
-        from duetlm.grpo import ADVANTAGE_ESTIMATORS
-
-        return _check_name(v, ADVANTAGE_ESTIMATORS, "advantage estimator")
+        return check_name(v, ADVANTAGE_ESTIMATORS, "advantage estimator")
 
     @field_validator("loss_agg")
     @classmethod
     def _agg(cls, v: str) -> str:
-        from duetlm.grpo import AGGREGATIONS
-
-        return _check_name(v, AGGREGATIONS, "loss_agg")
+        return check_name(v, AGGREGATIONS, "loss_agg")
 
     @field_validator("small_group")
     @classmethod
     def _group(cls, v: str) -> str:
-        from duetlm.trainer import SMALL_GROUPS
-
-        return _check_name(v, SMALL_GROUPS, "small_group")
+        return check_name(v, SMALL_GROUPS, "small_group")
 
 
 class OptimConfig(Strict):
@@ -454,23 +449,15 @@ class TrainConfig(Strict):
     @field_validator("mode")
     @classmethod
     def _mode(cls, v: str) -> str:
-        from duetlm.objective import REWARD_FUNCTIONS
-        from duetlm.trainer import MODES
-
-        _check_name(v, REWARD_FUNCTIONS, "mode")
-        return _check_name(v, MODES, "mode")
+        return check_name(v, MODES, "mode")
 
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v: str) -> str:
-        from duetlm.trainer import SCHEDULES
-
-        return _check_name(v, SCHEDULES, "schedule")
+        return check_name(v, SCHEDULES, "schedule")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        from duetlm.trainer import MODES, SCHEDULES, SMALL_GROUPS
-
         uses_small = MODES[self.mode].uses_small
         if uses_small and self.small is None:
             raise ValueError(f"mode {self.mode!r} needs a small model: set small.path")

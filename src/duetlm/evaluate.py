@@ -259,7 +259,7 @@ def load_benchmark(name: str, limit: int | None, data_dir: str | None) -> list[P
     """The problems of a benchmark through `problems.load_problems` (its errors name what is wrong).
 
     `name`: a registered name, a file, a hub id, optionally `@SPLIT` (`gsm8k@test`; see
-    `benchmark_split`), or a `PREFIX:NAME` source registered with the trainer (`lab:<task>`).
+    `benchmark_split`), or a `PREFIX:NAME` data source (`problems.load_source`: `lab:<task>`).
     """
     from duetlm.problems import load_problems
 
@@ -267,8 +267,8 @@ def load_benchmark(name: str, limit: int | None, data_dir: str | None) -> list[P
         raise DuetError(f"--data-dir {data_dir}: no such directory")
     prefix, sep, _ = name.partition(":")
     if sep and prefix.isidentifier() and not Path(name).exists():
-        # `PREFIX:NAME` sources registered with the trainer (`lab:<task>`): evaluate on what it trains on.
-        from duetlm.trainer import load_source
+        # `PREFIX:NAME` data sources (`lab:<task>`): evaluate on what the trainer trains on.
+        from duetlm.problems import load_source
 
         source, split = name.rpartition("@")[::2] if "@" in name else (name, None)
         return load_source(source, split=split, limit=limit)

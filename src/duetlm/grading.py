@@ -61,6 +61,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# last_boxed and MAX_BOX_CHARS stay part of the grader's public surface.
+from duetlm.boxes import MAX_BOX_CHARS as MAX_BOX_CHARS
+from duetlm.boxes import UNCLOSED, find_last_box, strip_math_delimiters
+from duetlm.boxes import last_boxed as last_boxed
 from duetlm.problems import Problem
 
 logger = logging.getLogger(__name__)
@@ -71,7 +75,6 @@ WORKER_START_TIMEOUT_S = 60.0  # import of sympy + math-verify on a loaded 2-cor
 MAX_ANSWER_CHARS = 1000  # the longest gold answer in MATH-500 is 53 characters
 MAX_NESTING = 8  # braces / brackets / parentheses; gold answers nest 2 deep, parsing 15 takes minutes
 MAX_DIGITS = 10_000  # no benchmark answer is a number with more digits than this
-MAX_BOX_CHARS = 10_000  # a \boxed{...} longer than this is treated as unclosed
 TAIL_CHARS = 8_000  # answer phrases and the last number are looked for in this many final characters
 _CACHE_SIZE = 1 << 16  # cached sympy verdicts
 
@@ -80,76 +83,11 @@ _CACHE_SIZE = 1 << 16  # cached sympy verdicts
 # Extraction
 # --------------------------------------------------------------------------------------------------
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox", "\\framebox")
-_UNCLOSED = object()  # sentinel: the last box was opened and never closed
-
 
 def _final_part(response: str) -> str:
     """The part of a response that holds its answer: the text after the last `</think>`, if any."""
     cut = response.rfind("</think>")
     return response[cut + len("</think>") :] if cut >= 0 else response
-
-
-def _match_braces(text: str, start: int) -> int | None:
-    """Index just past the `}` that closes the `{` at `start`, or None (unclosed or too long)."""
-    depth = 0
-    end = min(len(text), start + MAX_BOX_CHARS)
-    i = start
-    while i < end:
-        ch = text[i]
-        if ch == "\\":
-            i += 2  # `\{` and `\}` are literal braces in LaTeX, not grouping
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return None
-
-
-def _strip_math_delimiters(s: str) -> str:
-    s = s.strip()
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
-            s = s[len(left) : len(s) - len(right)].strip()
-    return s
-
-
-def _last_boxed(text: str) -> tuple[int, str] | object | None:
-    """(position, content) of the last non-empty box; `_UNCLOSED` if it never closes; None if no box."""
-    end = len(text)
-    for _ in range(8):  # skip at most a few empty boxes such as "put it in \boxed{}"
-        pos, cmd = max((text.rfind(c, 0, end), c) for c in _BOX_COMMANDS)
-        if pos < 0:
-            return None
-        after = pos + len(cmd)
-        if after < len(text) and text[after].isalpha():  # \boxedfoo is another command
-            end = pos
-            continue
-        j = after
-        while j < len(text) and text[j] in " \t":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            close = _match_braces(text, j)
-            if close is None:
-                return _UNCLOSED
-            content = _strip_math_delimiters(text[j + 1 : close - 1])
-        else:  # `\boxed 42`: TeX boxes the next token
-            m = re.match(r"[^\s$]+", text[j : j + 200])
-            content = m.group(0).rstrip(".,;") if m else ""
-        if content:
-            return pos, content
-        end = pos
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last non-empty `\\boxed{}` / `\\fbox{}` of `text`; None if none or unclosed."""
-    boxed = _last_boxed(text)
-    return boxed[1] if isinstance(boxed, tuple) else None
 
 
 # "answer" then "is" and/or ":" / "=" (not "the answer carefully"), then the rest of the line.
@@ -187,8 +125,8 @@ def _is_plain_number(s: str) -> bool:
 
 def _extract_math(response: str, gold: str) -> str | None:
     text = _final_part(response)
-    boxed = _last_boxed(text)
-    if boxed is _UNCLOSED:
+    boxed = find_last_box(text)
+    if boxed is UNCLOSED:
         return None
     if isinstance(boxed, tuple):
         return boxed[1]
@@ -225,7 +163,7 @@ def _extract_choice(response: str, problem: Problem) -> str | None:
         letter = (m.group(1) or m.group(2)).upper()
         if letter in valid:
             candidates.append((m.start(), letter))
-    boxed = _last_boxed(text)
+    boxed = find_last_box(text)
     if isinstance(boxed, tuple):
         position, content = boxed
         inner = re.sub(r"^\\text(?:bf)?\{(.*)\}$", r"\1", content).strip().strip("()").strip()
@@ -275,7 +213,7 @@ _SPACING = re.compile(r"\\left|\\right|\\[!,;: ]|\\displaystyle|\s+")
 
 def _canonical(s: str) -> str:
     """A conservative spelling normaliser for the exact-match fast path (it never merges values)."""
-    s = _strip_math_delimiters(s)
+    s = strip_math_delimiters(s)
     s = _SPACING.sub("", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return s.rstrip(".")
@@ -438,7 +376,7 @@ _INTEGER = re.compile(r"-?\d+")
 
 def _as_integer(s: str) -> int | None:
     """`s` as an integer if it is one written plainly (thousands separators allowed), else None."""
-    s = _strip_math_delimiters(s).replace("{,}", "").replace(" ", "")
+    s = strip_math_delimiters(s).replace("{,}", "").replace(" ", "")
     if len(s) <= 100 and _NUMBER.fullmatch(s) and _INTEGER.fullmatch(s.replace(",", "")):
         return int(s.replace(",", ""))
     return None

@@ -41,6 +41,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from duetlm import modes
+from duetlm.modes import check_covers
+
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
@@ -156,6 +159,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
     "batch": batch_advantages,
     "global": global_advantages,
 }
+check_covers(ADVANTAGE_ESTIMATORS, modes.ADVANTAGE_ESTIMATORS, "grpo.ADVANTAGE_ESTIMATORS")
 
 
 def compute_advantages(
@@ -294,6 +298,7 @@ AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
     "seq-mean-token-mean": _seq_mean_token_mean,
     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
 }
+check_covers(AGGREGATIONS, modes.AGGREGATIONS, "grpo.AGGREGATIONS")
 
 
 def aggregate(

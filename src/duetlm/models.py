@@ -345,3 +345,42 @@ def qwen3_tokenizer() -> Any:
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"
     return tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny models for the CPU config (`duetlm init-tiny`, configs/tiny.yaml)
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_corpus(seed: int = 0) -> list[str]:
+    """Arithmetic text with M's instructions, for the tiny models' tokenizer."""
+    import random
+
+    from duetlm import protocol
+
+    rng = random.Random(seed)
+    lines = [protocol.LARGE_INSTRUCTION, protocol.CONCISE_INSTRUCTION]
+    for _ in range(400):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op, value = rng.choice([("+", a + b), ("-", a - b), ("*", a * b)])
+        lines.append(f"What is {a} {op} {b}? {a} {op} {b} = {value}. The answer is \\boxed{{{value}}}.")
+    return lines
+
+
+def init_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Build and save a tiny M (Qwen3, hidden 64, 2 layers) and m (hidden 32, 2 layers) sharing a BPE
+    tokenizer trained locally on arithmetic text: random weights, for trying the trainer on a CPU."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(tiny_corpus(seed), vocab_size=384)
+    # head_dim 32 (not 16): the smallest head size vLLM's CPU attention accepts, so checkpoints of these
+    # models also load in vLLM.
+    large = tiny_model(tokenizer, arch="qwen3", hidden_size=64, num_layers=2, num_heads=2, seed=seed + 1)
+    small = tiny_model(tokenizer, arch="qwen3", hidden_size=32, num_layers=2, num_heads=1, seed=seed + 2)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "large": save_pretrained(large, tokenizer, out / "large"),
+        "small": save_pretrained(small, tokenizer, out / "small"),
+    }

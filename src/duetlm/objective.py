@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from duetlm.modes import LAMBDA_SCHEDULES, LENGTH_MEASURES, MODES, MU_BASELINES, check_covers
+
 __all__ = [
     "LAMBDA_SCHEDULES",
     "LENGTH_MEASURES",
@@ -51,8 +53,6 @@ __all__ = [
     "thinkprune_limit",
     "thinkprune_reward",
 ]
-
-LAMBDA_SCHEDULES = ("adaptive", "constant")
 
 
 class LambdaController:
@@ -183,7 +183,7 @@ _BASELINES: dict[str, Callable[[Tensor, Tensor | None, Tensor | None], Tensor]] 
     "per_prompt": _baseline_per_prompt,
     "none": _baseline_none,
 }
-MU_BASELINES: tuple[str, ...] = tuple(_BASELINES)
+check_covers(_BASELINES, MU_BASELINES, "objective._BASELINES")
 
 
 def marginal_utility_baseline(
@@ -205,9 +205,6 @@ def marginal_utility_baseline(
     except KeyError:
         raise ValueError(f"unknown mu_baseline {mode!r}; valid: {', '.join(MU_BASELINES)}") from None
     return fn(group_ids, per_rollout, per_prompt)
-
-
-LENGTH_MEASURES = ("response", "signal")
 
 
 def select_lengths(measure: str, response_lengths: Tensor, signal_lengths: Tensor) -> Tensor:
@@ -375,6 +372,7 @@ REWARD_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "thinkprune": _thinkprune,
     "lgrpo": _lgrpo,
 }
+check_covers(REWARD_FUNCTIONS, MODES, "objective.REWARD_FUNCTIONS")
 
 
 def compute_reward(

@@ -61,7 +61,7 @@ class DuetPipeline:
     """
 
     large: Engine
-    small: Engine
+    small: Engine | None  # None: M alone (the M-only training modes); `answer` then refuses
     large_sampling: SamplingParams = field(
         default_factory=lambda: SamplingParams(temperature=0.0, max_new_tokens=256)
     )
@@ -85,10 +85,23 @@ class DuetPipeline:
         `engines.base.generate_streaming`)."""
         return generate_streaming(self.large, self.think_prompts(questions), self.large_params(), on_token)
 
-    def think_prompts(self, questions: list[str]) -> list[str]:
-        """M's prompts for `questions` (what `think` generates from)."""
+    def think_prompts(self, questions: list[str], instruction: str | None = None) -> list[str]:
+        """M's prompts for `questions` (what `think` and `respond` generate from); `instruction`
+        replaces `large_instruction`."""
         tok = _tokenizer(self.large)
-        return [protocol.large_prompt(tok, q, self.large_instruction) for q in questions]
+        instruction = self.large_instruction if instruction is None else instruction
+        return [protocol.large_prompt(tok, q, instruction) for q in questions]
+
+    def respond_params(self) -> SamplingParams:
+        """M alone: no stop at the end of thinking; its thinking budget plus the answer budget."""
+        answer_tokens = self.small_sampling.max_new_tokens if self.small is not None else 0
+        return replace(self.large_sampling, max_new_tokens=self.large_sampling.max_new_tokens + answer_tokens)
+
+    def respond(self, questions: list[str], instruction: str | None = None) -> list[list[Generation]]:
+        """M alone thinks, then writes its own answer (n per question, as `large_sampling.n` says):
+        the `original` baseline's generation and the M-alone training modes' rollouts. Grade each with
+        `protocol.own_answer`."""
+        return self.large.generate(self.think_prompts(questions, instruction), self.respond_params())
 
     def answer_prompts(self, questions: list[str], signals: list[str | None]) -> list[str]:
         """m's prompts for (x, z) pairs (what `answer` generates from)."""
@@ -103,6 +116,8 @@ class DuetPipeline:
         on_token: OutputCallback | None = None,
     ) -> list[list[Generation]]:
         """Stage 2: m's answers to (x, z); a `None` signal gives m alone (the unguided baseline)."""
+        if self.small is None:
+            raise DuetError("this pipeline has no small model m: it can only run M alone (respond)")
         params = self.small_sampling if n is None else replace(self.small_sampling, n=n)
         return generate_streaming(self.small, self.answer_prompts(questions, signals), params, on_token)
 
@@ -116,7 +131,7 @@ class DuetPipeline:
         t0 = time.perf_counter()
         large = [gs[0] for gs in pipe.think(questions)]
         t1 = time.perf_counter()
-        signals = [protocol.extract_signal(g.text) for g in large]
+        signals = signals_of(large)
         small = [gs[0] for gs in pipe.answer(questions, [s.text for s in signals], n=1)]
         t2 = time.perf_counter()
         timings = {"large_s": t1 - t0, "small_s": t2 - t1, "total_s": t2 - t0, "batch_size": len(questions)}
@@ -167,38 +182,26 @@ class DuetPipeline:
         `instruction` replaces M's instruction (the prompt-based baseline appends the concise one).
         """
         _check_questions(questions)
-        tok = _tokenizer(self.large)
-        instruction = self.large_instruction if instruction is None else instruction
-        prompts = [protocol.large_prompt(tok, q, instruction) for q in questions]
-        params = replace(
-            self.large_sampling,
-            max_new_tokens=self.large_sampling.max_new_tokens + self.small_sampling.max_new_tokens,
-            n=1,
-            seed=self.large_sampling.seed if seed is None else seed,
-        )
+        seed = self.large_sampling.seed if seed is None else seed
+        pipe = replace(self, large_sampling=replace(self.large_sampling, n=1, seed=seed))
         t0 = time.perf_counter()
-        outs = [gs[0] for gs in self.large.generate(prompts, params)]
+        outs = [gs[0] for gs in pipe.respond(questions, instruction)]
         elapsed = time.perf_counter() - t0
         timings = {"large_s": elapsed, "small_s": 0.0, "total_s": elapsed, "batch_size": len(questions)}
-        results = []
-        for q, g in zip(questions, outs, strict=True):
-            signal = protocol.extract_signal(g.text)
-            _, answer = protocol.split_response(g.text)
-            results.append(
-                DuetResult(
-                    question=q,
-                    signal=signal,
-                    # Graded on the whole text when the block never closed (the answer may be in it).
-                    answer=answer if signal.complete else g.text.strip(),
-                    large_tokens=g.num_tokens,
-                    small_tokens=0,
-                    large_finish=g.finish_reason,
-                    small_finish="",
-                    large=g,
-                    timings=timings,
-                )
+        return [
+            DuetResult(
+                question=q,
+                signal=s,
+                answer=protocol.own_answer(g.text),
+                large_tokens=g.num_tokens,
+                small_tokens=0,
+                large_finish=g.finish_reason,
+                small_finish="",
+                large=g,
+                timings=timings,
             )
-        return results
+            for q, g, s in zip(questions, outs, signals_of(outs), strict=True)
+        ]
 
     def concise(self, questions: list[str], seed: int | None = None) -> list[DuetResult]:
         """The prompt-based baseline: `original` with the paper's concise instruction appended."""
@@ -216,9 +219,9 @@ class DuetPipeline:
         pipe = self.seeded(seed)
         t0 = time.perf_counter()
         think_params = replace(pipe.large_params(), max_new_tokens=budget, n=1)
-        prompts = [protocol.large_prompt(tok, q, self.large_instruction) for q in questions]
+        prompts = self.think_prompts(questions)
         thoughts = [gs[0] for gs in self.large.generate(prompts, think_params)]
-        signals = [protocol.extract_signal(g.text) for g in thoughts]
+        signals = signals_of(thoughts)
         # The same builder closes a finished and a cut thinking block, so both paths answer alike.
         answer_prompts = [
             protocol.large_answer_prompt(tok, q, s.text, self.large_instruction)
@@ -267,6 +270,12 @@ class DuetPipeline:
             )
             for q, y in zip(questions, outs, strict=True)
         ]
+
+
+def signals_of(generations: list[Generation]) -> list[Signal]:
+    """z of each of M's generations (`protocol.extract_signal`): the one place the pipeline's users
+    (trainer, evaluator, server) read a signal from M's output."""
+    return [protocol.extract_signal(g.text) for g in generations]
 
 
 def _check_questions(questions: list[str]) -> None:

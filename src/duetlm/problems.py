@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from duetlm.boxes import last_boxed
 from duetlm.errors import DataError
 
 Kind = Literal["math", "choice"]
@@ -146,8 +147,6 @@ def _gsm8k_answer(answer: str) -> str:
 
 
 def _boxed_answer(solution: str) -> str | None:
-    from duetlm.grading import last_boxed  # grading imports this module; import at call time
-
     return last_boxed(solution)
 
 
@@ -735,3 +734,49 @@ def load_problems(
         f"unknown source {name!r}: not a registered name ({', '.join(REGISTRY)}), "
         f"not a {'/'.join(FILE_SUFFIXES)} file, not a hub id (owner/name)"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Data sources: `PREFIX:NAME` hooks beside `load_problems` (what the trainer and eval read)
+# --------------------------------------------------------------------------------------------------
+
+SourceFn = Callable[[str, "str | None", "int | None"], list[Problem]]
+SOURCES: dict[str, SourceFn] = {}
+# Packages add sources through this entry-point group (name = PREFIX, value = a SourceFn); duetlm's
+# own lab registers `lab` there (pyproject.toml), so nothing here imports it.
+SOURCE_ENTRY_POINTS = "duetlm.sources"
+
+
+def register_source(prefix: str, fn: SourceFn) -> None:
+    """Make `data.source: "PREFIX:NAME"` call `fn(NAME, split, limit) -> list[Problem]`."""
+    if not prefix or ":" in prefix:
+        raise ValueError(f"source prefix must be a non-empty name without ':', got {prefix!r}")
+    SOURCES[prefix] = fn
+
+
+def source_hook(prefix: str) -> SourceFn | None:
+    """The registered (or entry-point) source for `prefix`, or None."""
+    if prefix not in SOURCES:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=SOURCE_ENTRY_POINTS, name=prefix):
+            SOURCES[prefix] = ep.load()
+    return SOURCES.get(prefix)
+
+
+def load_source(
+    source: str, split: str | None = None, limit: int | None = None, **options: Any
+) -> list[Problem]:
+    """Problems of a data source: a `PREFIX:NAME` hook (`register_source`, or the `duetlm.sources`
+    entry points: `lab:<task>`), else `load_problems` (which takes `options`: column names, answer
+    format, offline mirror). An empty source, or a hook returning anything but `Problem`s, is a
+    `DataError`."""
+    prefix, sep, name = source.partition(":")
+    hook = source_hook(prefix) if sep and prefix else None
+    found = list(hook(name, split, limit) if hook else load_problems(source, split=split, limit=limit, **options))
+    if not found:
+        raise DataError(f"data source {source!r} (split {split!r}) has no problems")
+    bad = next((p for p in found if not isinstance(p, Problem)), None)
+    if bad is not None:
+        raise DataError(f"data source {source!r} returned {type(bad).__name__}, not duetlm.problems.Problem")
+    return found

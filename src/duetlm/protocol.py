@@ -229,8 +229,17 @@ def large_stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
 
 
 def split_response(text: str) -> tuple[str, str]:
-    """(thinking, answer) of a full response from M alone (the `original` baseline)."""
+    """(thinking, answer) of a full response from M alone; the answer is "" when the block never
+    closed (see `own_answer` for what is graded)."""
     close = text.find(THINK_CLOSE)
     if close == -1:
         return extract_signal(text).text, ""
     return extract_signal(text).text, text[close + len(THINK_CLOSE) :].strip()
+
+
+def own_answer(text: str) -> str:
+    """What is graded when M answers itself (the `original` baseline and the M-alone training modes):
+    the text after `</think>`, or the whole response, stripped, when M never closed its thinking block
+    (the answer may be in it). Training and evaluation grade M alike through this one rule."""
+    _, answer = split_response(text)
+    return answer if THINK_CLOSE in text else text.strip()

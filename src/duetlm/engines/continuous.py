@@ -40,8 +40,8 @@ import torch
 from duetlm.engines.base import FinishReason, Generation, SamplingParams
 from duetlm.engines.hf import (
     HFEngine,
-    _cache_kwarg,
     _filter_logits,
+    cache_kwarg,
     check_fits,
     forward_last,
     stop_string_hit,
@@ -190,7 +190,7 @@ class ContinuousBatcher:
             )
         pad = engine.tokenizer.pad_token_id
         self._pad = pad if pad is not None else 0
-        self._cache_kw = _cache_kwarg(self.model)
+        self._cache_kw = cache_kwarg(self.model)
         self._device = engine.device
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()

