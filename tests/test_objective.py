@@ -345,10 +345,10 @@ def test_compute_reward_dispatch() -> None:
     assert set(REWARD_FUNCTIONS) == {"duet", "single", "thinkprune", "lgrpo"}
     groups = ids([0, 0, 1, 1])
     correct, lengths = t64([1, 0, 1, 1]), ids([100, 300, 2000, 500])
-    kw = {"correct": correct, "lengths": lengths, "group_ids": groups}
+    kw = {"success": correct, "lengths": lengths, "group_ids": groups}
     b = t64([0.5, 0.5, 0, 0])
     close(
-        compute_reward("duet", **kw, lam=0.2, budget=1000, baseline=b),
+        compute_reward("duet", **kw, lam=0.2, budget=1000, mu_baseline=b),
         duet_reward(correct, b, lengths, 0.2, 1000),
     )
     close(
@@ -358,10 +358,10 @@ def test_compute_reward_dispatch() -> None:
     close(compute_reward("lgrpo", **kw), [0.0, 0.0, 0.0, 0.75])  # group 1: 1 − 500/2000
     with pytest.raises(ValueError, match="unknown reward mode 'dpo'; valid: duet, single, thinkprune, lgrpo"):
         compute_reward("dpo", **kw)
-    with pytest.raises(ValueError, match="needs baseline"):
+    with pytest.raises(ValueError, match="needs mu_baseline"):
         compute_reward("duet", **kw)
     with pytest.raises(ValueError, match="needs lam"):
-        compute_reward("duet", **kw, baseline=b)
+        compute_reward("duet", **kw, mu_baseline=b)
     with pytest.raises(ValueError, match="needs lam"):
         compute_reward("single", **kw, lam=0.1)
     with pytest.raises(ValueError, match="needs limit"):

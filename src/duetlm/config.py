@@ -9,10 +9,18 @@ key instead of a silently ignored option. `load_config(cls, path, overrides)` re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from duetlm.errors import DuetError
 from duetlm.modes import (
@@ -158,6 +166,11 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 # tables of objective.py and grpo.py must cover exactly those names), so a typo lists the valid names.
 
 
+def one_of(valid: Any, what: str) -> AfterValidator:
+    """A field validator: the value must be one of `valid`'s names (the error lists them)."""
+    return AfterValidator(lambda v: check_name(v, valid, what))
+
+
 class LoraSettings(Strict):
     """LoRA adapter options (peft), used for each model whose `lora: true`."""
 
@@ -282,17 +295,21 @@ class ObjectiveConfig(Strict):
     """M's reward and the multiplier λ (algorithm.md §2; objective.py)."""
 
     budget: float = Field(1000.0, gt=0, description="B: the token budget of the length term λ·L/B")
-    mu_baseline: str = Field(
+    mu_baseline: Annotated[str, one_of(MU_BASELINES, "mu_baseline")] = Field(
         "per_rollout", description="marginal-utility baseline b: per_rollout | per_prompt | none"
     )
-    length_measure: str = Field("response", description="L_i: response (all of M's tokens) | signal (|z|)")
+    length_measure: Annotated[str, one_of(LENGTH_MEASURES, "length_measure")] = Field(
+        "response", description="L_i: response (all of M's tokens) | signal (|z|)"
+    )
     kl_coef: float = Field(
         0.001, ge=0.0, description="β of the k1 KL term in M's reward; > 0 keeps a frozen reference copy of M"
     )
     lambda_init: float = Field(0.0, ge=0.0, description="λ_0")
     lambda_step_size: float = Field(0.01, ge=0.0, description="η of the dual ascent")
     lambda_max: float | None = Field(1.0, ge=0.0, description="λ_max (null: no upper clip)")
-    lambda_schedule: str = Field("adaptive", description="adaptive (dual ascent) | constant (−LPS ablation)")
+    lambda_schedule: Annotated[str, one_of(LAMBDA_SCHEDULES, "lambda_schedule")] = Field(
+        "adaptive", description="adaptive (dual ascent) | constant (−LPS ablation)"
+    )
     thinkprune_start: int = Field(8000, ge=1, description="ThinkPrune: first length limit (tokens)")
     thinkprune_step: int = Field(1000, ge=0, description="ThinkPrune: limit decrease per stage")
     thinkprune_every: int = Field(20, ge=1, description="ThinkPrune: steps per stage")
@@ -312,33 +329,22 @@ class ObjectiveConfig(Strict):
             )
         return self
 
-    @field_validator("mu_baseline")
-    @classmethod
-    def _mu(cls, v: str) -> str:
-        return check_name(v, MU_BASELINES, "mu_baseline")
-
-    @field_validator("length_measure")
-    @classmethod
-    def _length(cls, v: str) -> str:
-        return check_name(v, LENGTH_MEASURES, "length_measure")
-
-    @field_validator("lambda_schedule")
-    @classmethod
-    def _lam(cls, v: str) -> str:
-        return check_name(v, LAMBDA_SCHEDULES, "lambda_schedule")
-
 
 class GRPOConfig(Strict):
     """Advantages and the PPO-clip loss (algorithm.md §3; grpo.py)."""
 
-    advantage: str = Field("grpo", description="M's advantage estimator: grpo | batch | global (§2.1)")
-    small_advantage: str = Field("grpo", description="m's advantage estimator")
+    advantage: Annotated[str, one_of(ADVANTAGE_ESTIMATORS, "advantage estimator")] = Field(
+        "grpo", description="M's advantage estimator: grpo | batch | global (§2.1)"
+    )
+    small_advantage: Annotated[str, one_of(ADVANTAGE_ESTIMATORS, "advantage estimator")] = Field(
+        "grpo", description="m's advantage estimator"
+    )
     norm_std: bool = Field(True, description="divide advantages by the std (false: Dr. GRPO centring)")
     eps: float = Field(1e-6, gt=0.0, description="ε added to the std")
-    small_group: str = Field(
+    small_group: Annotated[str, one_of(SMALL_GROUPS, "small_group")] = Field(
         "per_signal", description="m's GRPO group: per_signal (answers to one z) | per_prompt"
     )
-    loss_agg: str = Field(
+    loss_agg: Annotated[str, one_of(AGGREGATIONS, "loss_agg")] = Field(
         "token-mean", description="token-mean | seq-mean-token-mean | seq-mean-token-sum-norm"
     )
     clip_eps: float = Field(0.2, ge=0.0, lt=1.0, description="PPO clip ε")
@@ -348,21 +354,6 @@ class GRPOConfig(Strict):
         description="recompute π_old with a forward pass instead of taking the engine's per-token "
         "log-probs (needed when rollouts ran in another precision or engine)",
     )
-
-    @field_validator("advantage", "small_advantage")
-    @classmethod
-    def _adv(cls, v: str) -> str:
-        return check_name(v, ADVANTAGE_ESTIMATORS, "advantage estimator")
-
-    @field_validator("loss_agg")
-    @classmethod
-    def _agg(cls, v: str) -> str:
-        return check_name(v, AGGREGATIONS, "loss_agg")
-
-    @field_validator("small_group")
-    @classmethod
-    def _group(cls, v: str) -> str:
-        return check_name(v, SMALL_GROUPS, "small_group")
 
 
 class OptimConfig(Strict):
@@ -429,8 +420,10 @@ class DistributedConfig(Strict):
 class TrainConfig(Strict):
     """One training run (`duetlm train --config FILE`). See configs/tiny.yaml and configs/paper/."""
 
-    mode: str = Field("duet", description="duet | single | thinkprune | lgrpo (algorithm.md §2, §5)")
-    schedule: str = Field(
+    mode: Annotated[str, one_of(MODES, "mode")] = Field(
+        "duet", description="duet | single | thinkprune | lgrpo (algorithm.md §2, §5)"
+    )
+    schedule: Annotated[str, one_of(SCHEDULES, "schedule")] = Field(
         "joint", description="joint (both every step) | alternate (M odd steps, m even) | frozen_small"
     )
     seed: int = Field(0, description="every random stream derives from (seed, step)")
@@ -445,16 +438,6 @@ class TrainConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
-
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v: str) -> str:
-        return check_name(v, MODES, "mode")
-
-    @field_validator("schedule")
-    @classmethod
-    def _schedule(cls, v: str) -> str:
-        return check_name(v, SCHEDULES, "schedule")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -1,5 +1,28 @@
 """The DUET objective: M's reward, the dual-ascent multiplier λ, and the trained baselines' rewards.
 
+Glossary: each paper symbol has one name in code, configs, metrics and docs.
+
+| paper | meaning | code | config | metrics |
+|---|---|---|---|---|
+| x | the problem | `Problem`, `question` | `data.source` | |
+| z | M's reasoning signal (its thinking) | `Signal`, `signal` | | `tokens/signal_mean`, `signal/*` |
+| y | the final answer (m's, or M's own) | `answer` | | |
+| M | the capable model that thinks | `large` | `large` | `large/*`, `tokens/large_*` |
+| m | the lightweight model that answers | `small` | `small` | `small/*`, `tokens/small_mean` |
+| r(x, y) | the rule-based grade, 0 or 1 | `grading.grade` | | |
+| r_Mm = s_i | m's success given z_i: mean_j r(x, y_ij) | `success` | | `success/guided` |
+| r_m = b_i | m's success alone: the marginal-utility baseline | `mu_baseline` | `objective.mu_baseline` | `success/unguided` |
+| L_i | M's length in the length term | `lengths` | `objective.length_measure` | `length/penalised_mean` |
+| B | the token budget of the length term | `budget` (`bound` in `LambdaController`, its public name) | `objective.budget` | |
+| λ | the Lagrange multiplier | `lam` (`lambda` is a Python keyword) | `objective.lambda_*` | `lambda`, `lambda/next` |
+| η | λ's dual-ascent step size | `step_size` | `objective.lambda_step_size` | |
+| λ_max | λ's upper clip | `max_value` | `objective.lambda_max` | |
+| R_i | M's reward | `Rewards.large` | | `reward/large` |
+
+"Budget" means B only; budget forcing's cut (the truncation baseline) is its "cap" (`truncation:T`).
+The comparison methods (original, truncation, prompt-based, ThinkPrune, L-GRPO) are "methods" or
+"baselines"; b_i is always "the marginal-utility baseline" (`mu_baseline`).
+
 Paper (`shared/paper/duet-paper.txt`, §3.1): maximise E[r(x, y)] subject to E[|z|] ≤ B (eq. 1), relaxed
 to the Lagrangian E[r(x, y)] − λ E[|z|] / B (eq. 2) and optimised per model (eq. 3), with two additions:
 the *marginal utility* reward r(x, m(x, z)) − r(x, m(x)) ("Marginal Utility", §3.1) and the *length
@@ -245,7 +268,7 @@ def _float(x: Tensor) -> Tensor:
 
 def duet_reward(
     guided_success: Tensor,
-    baseline: Tensor,
+    mu_baseline: Tensor,
     lengths: Tensor,
     lam: float,
     budget: float,
@@ -256,14 +279,14 @@ def duet_reward(
 
     Paper eq. 3 with the marginal-utility reward of §3.1 and the KL penalty of Appendix C / §E.7.
     guided_success: (N,) s_i = mean_j r(x, y_ij), m's success given z_i.
-    baseline: (N,) b_i from `marginal_utility_baseline`. lengths: (N,) L_i (`select_lengths`).
+    mu_baseline: (N,) b_i from `marginal_utility_baseline`. lengths: (N,) L_i (`select_lengths`).
     lam: λ_t (the value before this step's update). budget: B > 0.
     kl_sum: (N,) Σ_t k1 over M's response (`duetlm.grpo.sequence_kl_k1`), needed when beta ≠ 0.
     Returns (N,) in the dtype of guided_success (float32 if it is an integer tensor).
     """
     _check_budget(lam, budget)
     s = _float(guided_success)
-    reward = s - baseline.to(s.dtype) - lam * lengths.to(s.dtype) / budget
+    reward = s - mu_baseline.to(s.dtype) - lam * lengths.to(s.dtype) / budget
     return _kl_term(reward, kl_sum, beta)
 
 
@@ -344,26 +367,26 @@ def _need_lambda(mode: str, lam: float | None, budget: float | None) -> None:
         raise ValueError(f"reward mode {mode!r} needs lam (the current LambdaController.value) and budget B")
 
 
-def _duet(*, correct, lengths, group_ids, lam, budget, baseline, limit, kl_sum, beta) -> Tensor:
-    if baseline is None:
-        raise ValueError("reward mode 'duet' needs baseline (N,) from marginal_utility_baseline")
+def _duet(*, success, lengths, group_ids, lam, budget, mu_baseline, limit, kl_sum, beta) -> Tensor:
+    if mu_baseline is None:
+        raise ValueError("reward mode 'duet' needs mu_baseline b (N,) from marginal_utility_baseline")
     _need_lambda("duet", lam, budget)
-    return duet_reward(correct, baseline, lengths, lam, budget, kl_sum=kl_sum, beta=beta)
+    return duet_reward(success, mu_baseline, lengths, lam, budget, kl_sum=kl_sum, beta=beta)
 
 
-def _single(*, correct, lengths, group_ids, lam, budget, baseline, limit, kl_sum, beta) -> Tensor:
+def _single(*, success, lengths, group_ids, lam, budget, mu_baseline, limit, kl_sum, beta) -> Tensor:
     _need_lambda("single", lam, budget)
-    return single_model_reward(correct, lengths, lam, budget, kl_sum=kl_sum, beta=beta)
+    return single_model_reward(success, lengths, lam, budget, kl_sum=kl_sum, beta=beta)
 
 
-def _thinkprune(*, correct, lengths, group_ids, lam, budget, baseline, limit, kl_sum, beta) -> Tensor:
+def _thinkprune(*, success, lengths, group_ids, lam, budget, mu_baseline, limit, kl_sum, beta) -> Tensor:
     if limit is None:
         raise ValueError("reward mode 'thinkprune' needs limit (tokens) from thinkprune_limit(step)")
-    return thinkprune_reward(correct, lengths, limit, kl_sum=kl_sum, beta=beta)
+    return thinkprune_reward(success, lengths, limit, kl_sum=kl_sum, beta=beta)
 
 
-def _lgrpo(*, correct, lengths, group_ids, lam, budget, baseline, limit, kl_sum, beta) -> Tensor:
-    return lgrpo_reward(correct, lengths, group_ids, kl_sum=kl_sum, beta=beta)
+def _lgrpo(*, success, lengths, group_ids, lam, budget, mu_baseline, limit, kl_sum, beta) -> Tensor:
+    return lgrpo_reward(success, lengths, group_ids, kl_sum=kl_sum, beta=beta)
 
 
 REWARD_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
@@ -378,20 +401,20 @@ check_covers(REWARD_FUNCTIONS, MODES, "objective.REWARD_FUNCTIONS")
 def compute_reward(
     mode: str,
     *,
-    correct: Tensor,
+    success: Tensor,
     lengths: Tensor,
     group_ids: Tensor,
     lam: float | None = None,
     budget: float | None = None,
-    baseline: Tensor | None = None,
+    mu_baseline: Tensor | None = None,
     limit: int | None = None,
     kl_sum: Tensor | None = None,
     beta: float = 0.0,
 ) -> Tensor:
     """M's reward (N,) for `mode` in `REWARD_FUNCTIONS` (duet | single | thinkprune | lgrpo).
 
-    `correct` is the guided success s_i for `duet` and M's own r for the baselines; each mode uses
-    only the arguments its function takes (see `duet_reward`, `single_model_reward`,
+    `success` is the guided success s_i for `duet` and M's own r for the baselines; `mu_baseline` is
+    b_i; each mode uses only the arguments its function takes (see `duet_reward`, `single_model_reward`,
     `thinkprune_reward`, `lgrpo_reward`).
     """
     try:
@@ -399,12 +422,12 @@ def compute_reward(
     except KeyError:
         raise ValueError(f"unknown reward mode {mode!r}; valid: {', '.join(REWARD_FUNCTIONS)}") from None
     return fn(
-        correct=correct,
+        success=success,
         lengths=lengths,
         group_ids=group_ids,
         lam=lam,
         budget=budget,
-        baseline=baseline,
+        mu_baseline=mu_baseline,
         limit=limit,
         kl_sum=kl_sum,
         beta=beta,

@@ -134,7 +134,7 @@ class DuetPipeline:
         signals = signals_of(large)
         small = [gs[0] for gs in pipe.answer(questions, [s.text for s in signals], n=1)]
         t2 = time.perf_counter()
-        timings = {"large_s": t1 - t0, "small_s": t2 - t1, "total_s": t2 - t0, "batch_size": len(questions)}
+        timings = _timings(t1 - t0, t2 - t1, len(questions))
         return [
             DuetResult(
                 question=q,
@@ -187,7 +187,7 @@ class DuetPipeline:
         t0 = time.perf_counter()
         outs = [gs[0] for gs in pipe.respond(questions, instruction)]
         elapsed = time.perf_counter() - t0
-        timings = {"large_s": elapsed, "small_s": 0.0, "total_s": elapsed, "batch_size": len(questions)}
+        timings = _timings(elapsed, 0.0, len(questions))
         return [
             DuetResult(
                 question=q,
@@ -230,7 +230,7 @@ class DuetPipeline:
         answer_params = replace(pipe.large_sampling, max_new_tokens=self.small_sampling.max_new_tokens, n=1)
         answers = [gs[0] for gs in self.large.generate(answer_prompts, answer_params)]
         elapsed = time.perf_counter() - t0
-        timings = {"large_s": elapsed, "small_s": 0.0, "total_s": elapsed, "batch_size": len(questions)}
+        timings = _timings(elapsed, 0.0, len(questions))
         return [
             DuetResult(
                 question=q,
@@ -255,7 +255,7 @@ class DuetPipeline:
         t0 = time.perf_counter()
         outs = [gs[0] for gs in pipe.answer(questions, [None] * len(questions), n=1)]
         elapsed = time.perf_counter() - t0
-        timings = {"large_s": 0.0, "small_s": elapsed, "total_s": elapsed, "batch_size": len(questions)}
+        timings = _timings(0.0, elapsed, len(questions))
         return [
             DuetResult(
                 question=q,
@@ -276,6 +276,11 @@ def signals_of(generations: list[Generation]) -> list[Signal]:
     """z of each of M's generations (`protocol.extract_signal`): the one place the pipeline's users
     (trainer, evaluator, server) read a signal from M's output."""
     return [protocol.extract_signal(g.text) for g in generations]
+
+
+def _timings(large_s: float, small_s: float, batch_size: int) -> dict[str, float]:
+    """A batch's wall-clock per model (`DuetResult.timings`)."""
+    return {"large_s": large_s, "small_s": small_s, "total_s": large_s + small_s, "batch_size": batch_size}
 
 
 def _check_questions(questions: list[str]) -> None:

@@ -232,12 +232,12 @@ def rewards(
         )
     large_reward = objective.compute_reward(
         mode,
-        correct=success,
+        success=success,
         lengths=lengths,
         group_ids=prompt_of,
         lam=lam,
         budget=obj.budget,
-        baseline=b,
+        mu_baseline=b,
         limit=limit,
         kl_sum=kl,
         beta=obj.kl_coef if kl is not None else 0.0,
