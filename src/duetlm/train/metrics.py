@@ -1,6 +1,6 @@
 """A step's metrics and sample tables, from per-sample numbers gathered over every process.
 
-Metric names (docs/training.md lists them): `reward/large` (mean R_i), `success/guided` (mean s_i),
+Metric names (the glossary in objective.py maps them to the paper): `reward/large` (mean R_i), `success/guided` (mean s_i),
 `success/unguided` (mean b estimate), `success/marginal` (their difference), `lambda` (λ_t used by the
 rewards) and `lambda/next` (λ_{t+1}), `length/penalised_mean` (mean L_i), `tokens/*`, `signal/*`,
 `<role>/loss|grad_norm|clip_frac|approx_kl|ratio_max|skipped` for each model updated.
