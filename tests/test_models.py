@@ -51,3 +51,17 @@ def test_smollm2_loads_offline_and_saves_as_hf_dir(tmp_path, monkeypatch):
     again = AutoModelForCausalLM.from_pretrained(cached)
     ids = torch.tensor([tok.encode("What is 12 + 7?")])
     assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+def test_bf16_autocast_auto_follows_the_hardware():
+    """`auto` turns bf16 autocast on only where the device computes bf16 natively (emulated bf16 on an
+    AVX2 CPU was 14x slower than fp32); explicit settings are kept."""
+    import torch
+
+    from duetlm.models import bf16_is_native, resolve_autocast
+
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert bf16_is_native("cpu") is native
+    assert resolve_autocast("auto", "cpu") is native
+    assert resolve_autocast("bf16", "cpu") and resolve_autocast(True, "cpu")
+    assert not resolve_autocast("off", "cpu") and not resolve_autocast(False, "cpu")

@@ -368,7 +368,11 @@ class OptimConfig(Strict):
     micro_batch_size: int = Field(
         8, ge=1, description="sequences per forward/backward; gradients accumulate over a mini-batch"
     )
-    autocast: Literal["off", "bf16"] = Field("off", description="bf16 autocast of the training forward")
+    autocast: Literal["off", "bf16", "auto"] = Field(
+        "off",
+        description="bf16 autocast of the training forward; auto: bf16 where the device computes it natively "
+        "(CUDA, or a CPU with AVX512-BF16 / AMX), fp32 elsewhere (emulated bf16 is many times slower)",
+    )
     logprob_chunk_size: int | None = Field(
         None, ge=1, description="compute token log-probs in chunks of this many positions (memory)"
     )

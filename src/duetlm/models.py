@@ -75,6 +75,27 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def bf16_is_native(device: str) -> bool:
+    """Whether `device` computes bf16 natively, so bf16 autocast speeds training up: a CUDA GPU with
+    bf16 support, or a CPU with AVX512-BF16 or AMX. Elsewhere bf16 is emulated (measured on an AVX2
+    CPU: a bf16-autocast forward and backward 14x slower than fp32)."""
+    import torch
+
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_bf16_supported())
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_autocast(setting: str | bool, device: str) -> bool:
+    """bf16 autocast on or off: `bf16`/True and `off`/False as given; `auto` where bf16 is native."""
+    if setting == "auto":
+        return bf16_is_native(device)
+    return setting in (True, "bf16")
+
+
 def resolve_dtype(dtype: str, device: str) -> Any:
     import torch
 

@@ -46,6 +46,7 @@ from duetlm.lab import SPLIT_SEEDS
 from duetlm.lab.recipes import ModelRecipe
 from duetlm.lab.task import TaskSpec, chains
 from duetlm.lab.warmstart import SFTConfig
+from duetlm.models import resolve_autocast
 from duetlm.problems import Problem
 
 # Bump when the task generator, tokenizer or warm start changes what a cached warm start contains.
@@ -124,7 +125,7 @@ class RLSettings(Strict):
     grpo: GRPOConfig = Field(default_factory=lambda: GRPOConfig(norm_std=False))
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(
-            lr_large=5e-5, lr_small=1e-4, micro_batch_size=128, autocast="bf16"
+            lr_large=5e-5, lr_small=1e-4, micro_batch_size=128, autocast="auto"
         )
     )
 
@@ -206,6 +207,8 @@ def warm_start_key(cfg: DemoConfig, role: str) -> str:
         "data": {"val": cfg.data.val, "test": cfg.data.test},  # the held-out questions it never sees
         "model": getattr(cfg, role).model_dump(),
         "sft": getattr(cfg, f"warm_{role}").model_dump(),
+        # `bf16: auto` trains differently on CPUs with and without bf16 units: key the resolved choice.
+        "bf16": resolve_autocast(getattr(cfg, f"warm_{role}").bf16, "cpu"),
     }
     return f"{role}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

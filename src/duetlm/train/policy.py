@@ -110,8 +110,13 @@ def recomputes_old_logprobs(cfg: TrainConfig, role: str) -> bool:
     return cfg.grpo.recompute_old_logprobs or (mcfg is not None and mcfg.engine != "hf")
 
 
-def update_spec(cfg: TrainConfig, max_tokens: int, share_prompts: bool = True) -> UpdateSpec:
-    """One model's update settings from the config; `max_tokens` is its maximum response length."""
+def update_spec(
+    cfg: TrainConfig, max_tokens: int, share_prompts: bool = True, device: str = "cpu"
+) -> UpdateSpec:
+    """One model's update settings from the config; `max_tokens` is its maximum response length,
+    `device` where it trains (for `optim.autocast: auto`)."""
+    from duetlm.models import resolve_autocast
+
     g, o = cfg.grpo, cfg.optim
     return UpdateSpec(
         micro_batch_size=o.micro_batch_size,
@@ -121,7 +126,7 @@ def update_spec(cfg: TrainConfig, max_tokens: int, share_prompts: bool = True) -
         clip_eps_high=g.clip_eps_high,
         max_tokens=max_tokens,
         grad_clip=o.grad_clip,
-        autocast=o.autocast == "bf16",
+        autocast=resolve_autocast(o.autocast, device),
         chunk_size=o.logprob_chunk_size,
         share_prompts=share_prompts,
     )
@@ -203,9 +208,8 @@ def build_policy(role: str, cfg: TrainConfig, trainable: bool, checkpoint: Path 
     assert mcfg is not None  # TrainConfig guarantees m where the mode uses it
     lora = trainable and mcfg.lora
     spec = str(checkpoint / role) if checkpoint is not None and not lora else mcfg.path
-    model, tokenizer = load_model(
-        spec, dtype=mcfg.dtype, device=dist.device(mcfg.device), trainable=trainable
-    )
+    device = dist.device(mcfg.device)
+    model, tokenizer = load_model(spec, dtype=mcfg.dtype, device=device, trainable=trainable)
     if trainable and mcfg.gradient_checkpointing:
         enable_checkpointing(model)
     if lora:
@@ -235,7 +239,7 @@ def build_policy(role: str, cfg: TrainConfig, trainable: bool, checkpoint: Path 
         tokenizer,
         _engine(role, cfg, generator, tokenizer, checkpoint),
         optimizer,
-        update_spec(cfg, sampling.max_new_tokens, share_prompts=share),
+        update_spec(cfg, sampling.max_new_tokens, share_prompts=share, device=device),
         wrapper=wrapper,
         rollout_model=rollout_model,
     )
