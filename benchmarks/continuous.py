@@ -1,11 +1,11 @@
 """Continuous against windowed batching: the same seeded Poisson arrival trace replayed through each.
 
 Modes, all over one `HFEngine` and the same model:
-- `windowed`: what `duetlm serve` does today. A batch opens with the first waiting request, closes
-  after `--window-ms` or at `--max-batch` requests, and its requests run as one `HFEngine.generate_ids`
-  call per sampling key (serve batches only requests with equal `SamplingParams`; here requests
-  differ in `max_new_tokens`, so a window holds several keys, run one after another). The next batch
-  waits until this one is done.
+- `windowed`: what `duetlm serve --batching window` does (`duetlm.serve.batching.WindowBatcher`). A
+  batch opens with the first waiting request, closes after `--window-ms` or at `--max-batch` requests,
+  and its requests run as one `HFEngine.generate_ids` call per sampling key (serve batches only
+  requests with equal `SamplingParams`; here requests differ in `max_new_tokens`, so a window holds
+  several keys, run one after another). The next batch waits until this one is done.
 - `windowed-1call`: the same windows, but each runs as one call decoded to the window's longest
   `max_new_tokens`, each output cut to its own length (a stronger baseline than serve's: no per-key
   split; same tokens under greedy decoding).

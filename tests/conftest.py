@@ -118,3 +118,32 @@ def tiny_engine(tiny_dir):
 
     model, tok = load_model(str(tiny_dir), device="cpu")
     return HFEngine(model, tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_small_engine(tiny_llama_dir):
+    """m's engine in the tests: the tiny Llama (a different architecture and size from M)."""
+    from duetlm.engines.hf import HFEngine
+    from duetlm.models import load_model
+
+    model, tok = load_model(str(tiny_llama_dir), device="cpu")
+    return HFEngine(model, tok)
+
+
+@pytest.fixture(scope="session")
+def make_pipeline(tiny_engine, tiny_small_engine):
+    """Build a pipeline of the tiny M and m: `make_pipeline(signal_tokens, answer_tokens, **sampling)`
+    (greedy unless `temperature`/`seed` say otherwise)."""
+    from duetlm.engines.base import SamplingParams
+    from duetlm.pipeline import DuetPipeline
+
+    def make(signal_tokens: int = 9, answer_tokens: int = 5, **sampling) -> DuetPipeline:
+        sampling = {"temperature": 0.0, **sampling}
+        return DuetPipeline(
+            tiny_engine,
+            tiny_small_engine,
+            large_sampling=SamplingParams(max_new_tokens=signal_tokens, **sampling),
+            small_sampling=SamplingParams(max_new_tokens=answer_tokens, **sampling),
+        )
+
+    return make

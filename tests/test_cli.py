@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
 
 def duetlm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -76,3 +78,77 @@ def test_bad_input_is_one_line(args, message):
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error:") and message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- options generated from the configs ----------------------------------------------------------------
+
+
+def _help_text(command: str) -> str:
+    """`duetlm COMMAND --help` as one line of words (the box drawing and the wrapping taken out)."""
+    env = dict(os.environ, COLUMNS="200", TERMINAL_WIDTH="200")
+    r = subprocess.run(
+        [sys.executable, "-m", "duetlm.cli", command, "--help"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.stdout).split())
+
+
+def _config(command: str):
+    from duetlm.evaluate import EvalConfig
+    from duetlm.serve import ServeConfig
+
+    return {"eval": EvalConfig, "serve": ServeConfig}[command]
+
+
+@pytest.mark.parametrize("command", ["eval", "serve"])
+def test_help_shows_every_config_field_with_its_help_and_default(command):
+    from duetlm.cli_options import flag
+
+    text = _help_text(command)
+    for name, info in _config(command).model_fields.items():
+        assert re.search(rf"(?<![\w-]){re.escape(flag(name))}(?![\w-])", text), f"{flag(name)} is missing"
+        assert info.description, f"{name} has no description"
+        assert " ".join(info.description.split()) in text, f"{flag(name)}: help text missing"
+        if not info.is_required() and info.default is not None:
+            assert f"[default: {info.default}]" in text, f"{flag(name)}: default missing"
+
+
+def test_serve_flags_reach_the_config(monkeypatch):
+    import duetlm.serve.app
+    from duetlm.cli import app
+    from duetlm.serve import ServeConfig
+
+    seen = []
+    monkeypatch.setattr(duetlm.serve.app, "run_server", seen.append)
+    args = ["serve", "--large", "M", "--small", "m", "--max-batch", "3", "--batching", "window"]
+    result = CliRunner().invoke(app, args, env={"DUETLM_SERVE_API_KEY": "k"})
+    assert result.exit_code == 0, result.output
+    assert seen == [ServeConfig(large="M", small="m", max_batch=3, batching="window", api_key="k")]
+
+
+def test_eval_flags_reach_the_config(monkeypatch):
+    import duetlm.evaluate
+    from duetlm.cli import app
+    from duetlm.errors import DuetError
+    from duetlm.evaluate import EvalConfig
+
+    seen = []
+
+    def run_eval(cfg, progress):
+        seen.append((cfg, progress))
+        raise DuetError("stop here")
+
+    monkeypatch.setattr(duetlm.evaluate, "run_eval", run_eval)
+    args = ["eval", "--large", "M", "--benchmarks", "a,b", "--benchmarks", "c", "--methods", "duet,small"]
+    args += ["--output", "out", "--max-signal-tokens", "7", "--limit", "2", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "stop here" in result.output
+    expected = EvalConfig(
+        large="M",
+        benchmarks=["a", "b", "c"],
+        methods=["duet", "small"],
+        output="out",
+        max_signal_tokens=7,
+        limit=2,
+    )
+    assert seen == [(expected, False)]

@@ -27,11 +27,8 @@ TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_engine, tiny_llama_dir) -> dict[str, HFEngine]:
-    from duetlm.models import load_model
-
-    model, tok = load_model(str(tiny_llama_dir), device="cpu")
-    return {"qwen3": tiny_engine, "llama": HFEngine(model, tok)}
+def engines(tiny_engine, tiny_small_engine) -> dict[str, HFEngine]:
+    return {"qwen3": tiny_engine, "llama": tiny_small_engine}
 
 
 def _ids(engine: HFEngine, texts: list[str]) -> list[list[int]]:

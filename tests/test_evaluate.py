@@ -216,19 +216,8 @@ def test_pareto_front():
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_engine, tiny_llama_dir):
-    from duetlm.engines.base import SamplingParams
-    from duetlm.engines.hf import HFEngine
-    from duetlm.models import load_model
-    from duetlm.pipeline import DuetPipeline
-
-    small = HFEngine(*load_model(str(tiny_llama_dir), device="cpu"))
-    return DuetPipeline(
-        tiny_engine,
-        small,
-        large_sampling=SamplingParams(temperature=0.0, max_new_tokens=9),
-        small_sampling=SamplingParams(temperature=0.0, max_new_tokens=5),
-    )
+def pipe(make_pipeline):
+    return make_pipeline(signal_tokens=9, answer_tokens=5)
 
 
 def test_baselines_token_accounting_and_consistency(pipe):

@@ -261,13 +261,27 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_demo_results_structure(quick_run):
-    root, results, output, _ = quick_run
+    root, results, output, again = quick_run
     methods = results["methods"]
     expected = {"small", "original", "duet", "duet (warm start)", "small (trained m)", "truncation:8"}
     expected |= {"truncation-small:8", f"truncation:{results['duet_budget']}"}
     assert expected <= set(methods), set(methods)
-    for name, m in methods.items():
-        assert 0.0 <= m["accuracy"] <= 1.0, name
+    # Each row is the mean over the per-sample records of one evaluation the demo ran (the run directory
+    # holds the second run's records).
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for path in (root / "run" / "eval").glob("*/results.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            groups.setdefault((path.parent.name, rec["method"]), []).append(rec)
+    means = {
+        (
+            round(sum(r["correct"] for r in g) / len(g), 4),
+            round(sum(r["large_tokens"] for r in g) / len(g), 4),
+        )
+        for g in groups.values()
+    }
+    for name, m in again["methods"].items():
+        assert (round(m["accuracy"], 4), round(m["large_tokens"], 4)) in means, name
         assert m["small_tokens"] >= 0 and m["seconds"] >= 0, name
         if name.startswith("small"):
             assert m["large_tokens"] == 0 and m["ipt"] is None, name
@@ -286,7 +300,20 @@ def test_quick_demo_results_structure(quick_run):
         "duet_accuracy_ge_original_minus_0.02",
         "truncation_at_duet_budget_le_duet_minus_0.10",
     }
-    assert all(isinstance(t["met"], bool) for t in results["targets"].values())
+    # The targets compare the rows above; those that hold at toy sizes (a tiny m cannot solve the task
+    # alone; the whole quick demo takes seconds) are met.
+    targets = results["targets"]
+    assert targets["wall_clock_le_900s"]["met"] and targets["small_alone_le_0.40"]["met"]
+    assert targets["small_alone_le_0.40"]["accuracy"] == round(methods["small"]["accuracy"], 4)
+    original, duet = targets["original_accuracy_ge_0.85"], targets["duet_accuracy_ge_original_minus_0.02"]
+    assert original["accuracy"] == duet["original"] == round(methods["original"]["accuracy"], 4)
+    assert original["met"] == (original["accuracy"] >= 0.85)
+    assert duet["met"] == (duet["duet"] >= duet["original"] - 0.02)
+    tokens = targets["duet_tokens_le_0.40_T0"]
+    assert tokens["duet_tokens"] == round(methods["duet"]["large_tokens"], 4) and tokens["T0"] == round(
+        results["T0"], 4
+    )
+    assert tokens["met"] == (tokens["duet_tokens"] <= 0.40 * tokens["T0"])
     curves = results["training"]["curves"]
     assert [s for s, _ in curves["lambda"]] == [1, 2] and len(curves["val/accuracy"]) == 2
     assert results["warm_start"]["large"]["cached"] is False

@@ -105,3 +105,17 @@ def test_fallback_for_template_without_thinking():
 def test_split_response():
     assert protocol.split_response("<think>a</think>\n\n\\boxed{3}") == ("a", "\\boxed{3}")
     assert protocol.split_response("<think>never closed") == ("never closed", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "graded"),
+    [
+        ("<think>a</think>\n\n\\boxed{3}", "\\boxed{3}"),  # closed: the text after </think>
+        ("<think>so \\boxed{3}</think>", ""),  # closed with nothing after: nothing to grade
+        ("<think>never closed \\boxed{3} ", "<think>never closed \\boxed{3}"),  # unclosed: everything
+        ("plain \\boxed{4}\n", "plain \\boxed{4}"),  # no tags at all (a model without a template)
+        ("", ""),
+    ],
+)
+def test_own_answer_is_what_m_alone_is_graded_on(text, graded):
+    assert protocol.own_answer(text) == graded

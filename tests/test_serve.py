@@ -740,3 +740,22 @@ def test_openapi_documents_the_chat_body_and_errors(duet_url):
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     r = httpx.put(duet_url + "/v1/chat/completions", timeout=10)
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_a_batcher_that_never_started_stops_cleanly():
+    # A service that fails during start-up stops its batchers; those not yet started have nothing to stop.
+    import asyncio
+
+    from duetlm.serve.batching import WindowBatcher
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = WindowBatcher("m", lambda key, payloads, sinks: payloads, pool, max_batch=2, window_s=0.01)
+        asyncio.run(batcher.stop())
+
+        async def start_submit_stop():
+            batcher.start()
+            result = await batcher.submit("k", "payload")
+            await batcher.stop()
+            return result
+
+        assert asyncio.run(start_submit_stop()) == "payload"

@@ -1,6 +1,8 @@
 """The `duetlm` command line. Thin: parse arguments, load config, call the library.
 
 Nothing heavy is imported at module import time (torch, transformers), so `duetlm --help` is instant.
+The options of `eval` and `serve` are generated from their configs (`EvalConfig`, `ServeConfig`:
+`duetlm.cli_options`), where each option's default and help text are written once.
 User errors (`DuetError`) print one line and exit 1; they never show a traceback.
 """
 
@@ -14,7 +16,10 @@ from typing import Annotated, Any
 
 import typer
 
+from duetlm.cli_options import config_options
 from duetlm.errors import DuetError
+from duetlm.evaluate import EvalConfig
+from duetlm.serve.config import ServeConfig
 
 app = typer.Typer(
     name="duetlm",
@@ -122,53 +127,15 @@ def init_tiny(
 
 @app.command("eval")
 @user_errors
+@config_options(EvalConfig)
 def eval_(
-    large: Annotated[str, typer.Option(help="M: hub id, local dir, .gguf file or short name")],
-    benchmarks: Annotated[str, typer.Option(help="comma-separated: math500,amc23,... or data files")],
-    methods: Annotated[str, typer.Option(help="comma-separated: duet,original,truncation:B,prompt,small")],
-    output: Annotated[str, typer.Option(help="output directory; an existing one is resumed")],
-    small: Annotated[str | None, typer.Option(help="m (needed by duet and small)")] = None,
-    samples: Annotated[int, typer.Option(help="samples per problem and method")] = 1,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
-    limit: Annotated[int | None, typer.Option(help="first K problems of each benchmark")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="folder of local benchmark files")] = None,
-    max_signal_tokens: Annotated[int, typer.Option(help="cap on M's thinking tokens")] = 1024,
-    max_answer_tokens: Annotated[int, typer.Option(help="cap on the answer (m's or M's)")] = 512,
-    seed: Annotated[int, typer.Option()] = 0,
-    batch_size: Annotated[int, typer.Option(help="samples generated together")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
-    large_engine: Annotated[str, typer.Option(help="M's engine: hf, vllm, remote")] = "hf",
-    large_url: Annotated[str | None, typer.Option(help="M's server URL (remote engine)")] = None,
-    small_engine: Annotated[str, typer.Option(help="m's engine: hf, vllm")] = "hf",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    options: dict[str, Any],
     progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
 ) -> None:
     """Evaluate methods (DUET and the inference baselines) on benchmarks; write records, tables, plot."""
     from duetlm.evaluate import make_config, run_eval
 
-    cfg = make_config(
-        large=large,
-        small=small,
-        benchmarks=[benchmarks],
-        methods=[methods],
-        samples=samples,
-        temperature=temperature,
-        output=output,
-        limit=limit,
-        data_dir=data_dir,
-        max_signal_tokens=max_signal_tokens,
-        max_answer_tokens=max_answer_tokens,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        large_engine=large_engine,
-        large_url=large_url,
-        small_engine=small_engine,
-        threads=threads,
-    )
-    summary = run_eval(cfg, progress=progress)
+    summary = run_eval(make_config(**options), progress=progress)
     typer.echo(
         f"{summary.generated} samples generated ({summary.done_before} already done) in "
         f"{summary.wall_s:.1f} s; wrote {summary.output}/results.json, table.md, pareto.png"
@@ -201,69 +168,12 @@ def report(
 
 @app.command()
 @user_errors
-def serve(
-    large: Annotated[str | None, typer.Option(help="M: hub id, local dir, .gguf file or short name")] = None,
-    large_url: Annotated[
-        str | None, typer.Option(help="M behind an OpenAI-compatible server (vLLM, SGLang, duetlm)")
-    ] = None,
-    small: Annotated[str | None, typer.Option(help="m (role duet): hub id, dir, .gguf, short name")] = None,
-    role: Annotated[str, typer.Option(help="duet: M thinks, m answers; large: serve M alone")] = "duet",
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
-    batching: Annotated[
-        str, typer.Option(help="continuous: requests join a local HF model's running batch; window")
-    ] = "continuous",
-    max_batch: Annotated[int, typer.Option(help="requests decoded together; 1 turns batching off")] = 16,
-    batch_window_ms: Annotated[float, typer.Option(help="window batching: how long a batch waits")] = 5.0,
-    admit_ratio: Annotated[
-        float, typer.Option(help="continuous batching: join once waiting >= ratio x running (0: every step)")
-    ] = 0.0,
-    admit_max_wait: Annotated[
-        int, typer.Option(help="continuous batching: ... or once the oldest waited this many steps")
-    ] = 16,
-    max_queue: Annotated[int, typer.Option(help="requests admitted at once; more get 503")] = 256,
-    max_signal_tokens: Annotated[int, typer.Option(help="default cap on M's thinking tokens")] = 256,
-    max_answer_tokens: Annotated[int, typer.Option(help="default cap on m's answer tokens")] = 256,
-    served_model_name: Annotated[str | None, typer.Option(help="model name for clients")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
-    api_key: Annotated[
-        str | None,
-        typer.Option(envvar="DUETLM_SERVE_API_KEY", help="require 'Authorization: Bearer KEY' (not /health)"),
-    ] = None,
-    engine: Annotated[str, typer.Option(help="engine of the local models: hf, vllm")] = "hf",
-    max_n: Annotated[int, typer.Option(help="largest n (choices per request) a request may ask for")] = 8,
-    system_messages: Annotated[
-        str, typer.Option(help="role duet: a system message is a 400 (reject) or dropped (ignore)")
-    ] = "reject",
-) -> None:
+@config_options(ServeConfig, api_key={"envvar": "DUETLM_SERVE_API_KEY"})
+def serve(options: dict[str, Any]) -> None:
     """Serve M -> z -> m (or M alone) as an OpenAI-compatible API: /v1/chat/completions, /v1/models, /health."""
     from duetlm.config import build_config
-    from duetlm.serve import ServeConfig, run_server
+    from duetlm.serve import run_server
 
-    options = dict(
-        role=role,
-        large=large,
-        large_url=large_url,
-        small=small,
-        host=host,
-        port=port,
-        max_batch=max_batch,
-        batching=batching,
-        batch_window_ms=batch_window_ms,
-        admit_ratio=admit_ratio,
-        admit_max_wait=admit_max_wait,
-        max_queue=max_queue,
-        max_signal_tokens=max_signal_tokens,
-        max_answer_tokens=max_answer_tokens,
-        served_model_name=served_model_name,
-        device=device,
-        dtype=dtype,
-        api_key=api_key,
-        engine=engine,
-        max_n=max_n,
-        system_messages=system_messages,
-    )
     run_server(build_config(ServeConfig, options, origin="duetlm serve options"))
 
 

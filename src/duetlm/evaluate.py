@@ -147,20 +147,22 @@ class EvalConfig(Strict):
 
     large: str = Field(description="M: hub id, local directory, .gguf file or short name")
     small: str | None = Field(None, description="m; needed by the duet and small methods")
-    benchmarks: list[str] = Field(description="registered names (math500, amc23, ...) or data files")
-    methods: list[str] = Field(description=f"methods to run: {valid_methods()}")
+    benchmarks: list[str] = Field(
+        description="comma-separated: registered names (math500, amc23, ...) or data files"
+    )
+    methods: list[str] = Field(description=f"comma-separated methods to run: {valid_methods()}")
     samples: int = Field(1, ge=1, description="samples per problem and method (pass@1 over them)")
     temperature: float = Field(0.0, ge=0.0, description="sampling temperature of both models; 0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of both models")
     output: str = Field(description="output directory (created; an existing one is resumed)")
     limit: int | None = Field(None, ge=1, description="first K problems of each benchmark")
     data_dir: str | None = Field(None, description="folder of local benchmark files (offline mirror)")
     max_signal_tokens: int = Field(1024, ge=1, description="cap on M's thinking tokens")
     max_answer_tokens: int = Field(512, ge=1, description="cap on the answer (m's, or M's own)")
-    seed: int = 0
+    seed: int = Field(0, description="the run's seed (each batch's is derived from it)")
     batch_size: int = Field(8, ge=1, description="samples generated together")
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: str = Field("auto", description="auto, float32, bfloat16, float16")
     large_engine: str = Field("hf", description="M's engine: hf, vllm or remote (`duetlm.engines`)")
     large_url: str | None = Field(None, description="M's OpenAI-compatible server (large_engine remote)")
     small_engine: str = Field("hf", description="m's engine: hf or vllm")
@@ -417,6 +419,30 @@ class EvalSummary:
     metrics: list[MethodMetrics]
 
 
+def check_unique_ids(problems: dict[str, list[Problem]]) -> None:
+    """A `DuetError` naming the benchmark and the id when a benchmark holds a problem id twice."""
+    for name, ps in problems.items():
+        ids = [p.id for p in ps]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise DuetError(f"benchmark {name!r}: problem id {dup!r} appears more than once")
+
+
+def eval_pipeline(cfg: EvalConfig, large_engine: Engine, small_engine: Engine | None) -> DuetPipeline:
+    """The pipeline every method of an evaluation runs on: M thinks for `max_signal_tokens`, the
+    answer (m's or M's own) takes `max_answer_tokens`, both sampled alike."""
+    return DuetPipeline(
+        large_engine,
+        small_engine or large_engine,  # never used by methods that do not need m
+        large_sampling=SamplingParams(
+            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_signal_tokens
+        ),
+        small_sampling=SamplingParams(
+            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_answer_tokens
+        ),
+    )
+
+
 def run_eval(
     cfg: EvalConfig,
     *,
@@ -442,11 +468,7 @@ def run_eval(
         _check_engines(cfg, methods)
     if problems is None:
         problems = {name: load_benchmark(name, cfg.limit, cfg.data_dir) for name in cfg.benchmarks}
-    for name, ps in problems.items():
-        ids = [p.id for p in ps]
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise DuetError(f"benchmark {name!r}: problem id {dup!r} appears more than once")
+    check_unique_ids(problems)
 
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
@@ -480,17 +502,9 @@ def run_eval(
     try:
         if total:
             assert large_engine is not None
-            pipe = DuetPipeline(
-                large_engine,
-                small_engine or large_engine,  # never used by methods that do not need m
-                large_sampling=SamplingParams(
-                    temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_signal_tokens
-                ),
-                small_sampling=SamplingParams(
-                    temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_answer_tokens
-                ),
+            generate(
+                eval_pipeline(cfg, large_engine, small_engine), work, records_path, cfg, progress, counter
             )
-            generate(pipe, work, records_path, cfg, progress, counter)
     finally:
         run_info["invocations"][-1].update(
             generated=counter[0], wall_s=time.perf_counter() - t_start, finished=_now()

@@ -773,7 +773,9 @@ def load_source(
     `DataError`."""
     prefix, sep, name = source.partition(":")
     hook = source_hook(prefix) if sep and prefix else None
-    found = list(hook(name, split, limit) if hook else load_problems(source, split=split, limit=limit, **options))
+    found = list(
+        hook(name, split, limit) if hook else load_problems(source, split=split, limit=limit, **options)
+    )
     if not found:
         raise DataError(f"data source {source!r} (split {split!r}) has no problems")
     bad = next((p for p in found if not isinstance(p, Problem)), None)

@@ -184,8 +184,8 @@ def large_messages(question: str, instruction: str = LARGE_INSTRUCTION) -> list[
 def large_chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """M's prompt for a conversation, thinking on (`large_prompt` is this over `large_messages`).
 
-    `duetlm serve --role large` templates each request with it. With `CHAT_ENDPOINT` as the
-    tokenizer the prompt is the encoded messages.
+    `duetlm serve --role large` templates each request with it (`duetlm.serve.service`). With
+    `CHAT_ENDPOINT` as the tokenizer the prompt is the encoded messages.
     """
     if isinstance(tokenizer, ChatEndpoint):
         return encode_messages(messages)

@@ -1,5 +1,5 @@
 """Generation engines behind one small protocol (`Engine`), and `build_engine`, the one place that turns
-a `ModelConfig` into an engine (the trainer, `duetlm eval` and `duetlm serve` call it).
+a `ModelConfig` into an engine (the trainer, `duetlm eval` and `duetlm serve`'s `build_service` call it).
 
 Engines import their heavy libraries only when built: `import duetlm.engines` needs neither vLLM nor
 an HTTP client.

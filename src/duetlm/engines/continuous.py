@@ -40,9 +40,9 @@ import torch
 from duetlm.engines.base import FinishReason, Generation, SamplingParams
 from duetlm.engines.hf import (
     HFEngine,
-    _filter_logits,
     cache_kwarg,
     check_fits,
+    filter_logits,
     forward_last,
     stop_string_hit,
     text_ids,
@@ -432,7 +432,7 @@ class ContinuousBatcher:
         for i, req in enumerate(rows):
             sp = req.sampling
             if sp.temperature > 0:
-                scaled = _filter_logits(logits[i : i + 1] / sp.temperature, sp.top_k, sp.top_p)
+                scaled = filter_logits(logits[i : i + 1] / sp.temperature, sp.top_k, sp.top_p)
                 probs = torch.softmax(scaled, dim=-1)
                 nxt[i] = torch.multinomial(probs, 1, generator=req.generator)[0, 0]
         return nxt

@@ -95,7 +95,7 @@ def text_ids(ids: list[int], eos_ids: frozenset[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then nucleus filtering on (B, V) logits; removed entries become -inf."""
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -108,6 +108,52 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
         remove_orig = torch.zeros_like(remove).scatter(-1, order, remove)
         logits = logits.masked_fill(remove_orig, float("-inf"))
     return logits
+
+
+@dataclass
+class DecodeRows:
+    """What each row of one decoding batch has produced so far (indexed by the batch's original rows)."""
+
+    tokens: list[list[int]]
+    logps: list[list[float]]
+    tops: list[list[list[tuple[int, float]]]]
+    finish: list[str | None]  # "stop" once a row stopped; None while it runs (or ran out: "length")
+
+    @classmethod
+    def empty(cls, bsz: int) -> DecodeRows:
+        return cls([[] for _ in range(bsz)], [[] for _ in range(bsz)], [[] for _ in range(bsz)], [None] * bsz)
+
+
+def left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) input ids, left-padded with `pad`, and their attention mask."""
+    bsz, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((bsz, width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((bsz, width), dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        input_ids[r, width - len(p) :] = torch.tensor(p, device=device)
+        mask[r, width - len(p) :] = 1
+    return input_ids, mask
+
+
+def shared_prefill(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(first row of each distinct prompt, the distinct prompt of each row, whether any prompt repeats).
+
+    Rows that repeat a prompt (n samples per prompt) share one prefill: the prompt runs once and its KV
+    cache is copied to its rows (why: with n = 8 the prefill would otherwise cost 8x).
+    """
+    first: dict[tuple[int, ...], int] = {}
+    owner = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    uniq = torch.tensor([owner.index(u) for u in range(len(first))], device=device)
+    return uniq, torch.tensor(owner, device=device), len(first) < len(prompts)
+
+
+def sample_next(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row of (B, V) logits: argmax at temperature 0, else a draw after
+    temperature, top-k and top-p."""
+    if sp.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(filter_logits(logits / sp.temperature, sp.top_k, sp.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 class HFEngine:
@@ -196,32 +242,16 @@ class HFEngine:
     ) -> list[Generation]:
         device = self.device
         bsz = len(prompts)
-        width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((bsz, width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((bsz, width), dtype=torch.long, device=device)
-        for r, p in enumerate(prompts):
-            input_ids[r, width - len(p) :] = torch.tensor(p, device=device)
-            mask[r, width - len(p) :] = 1
+        input_ids, mask = left_pad(prompts, pad, device)
         stop_ids = torch.tensor(
             sorted(self.eos_ids | set(sp.stop_token_ids)), device=device, dtype=torch.long
         )
-
-        tokens: list[list[int]] = [[] for _ in range(bsz)]
-        logps: list[list[float]] = [[] for _ in range(bsz)]
-        tops: list[list[list[tuple[int, float]]]] = [[] for _ in range(bsz)]
-        n_top = sp.top_logprobs  # 0 unless logprobs (SamplingParams sees to it)
-        finish: list[str | None] = [None] * bsz
+        rows = DecodeRows.empty(bsz)
         alive = torch.arange(bsz, device=device)  # rows of the original batch still decoding
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         past = None
-        # Rows that repeat a prompt (n samples per prompt) share one prefill: the prompt runs once and
-        # its KV cache is copied to its rows (why: with n = 8 the prefill would otherwise cost 8x).
-        first: dict[tuple[int, ...], int] = {}
-        owner = [first.setdefault(tuple(p), len(first)) for p in prompts]
-        uniq = torch.tensor([owner.index(u) for u in range(len(first))], device=device)
-        expand = torch.tensor(owner, device=device)
-        shared = len(first) < bsz
+        uniq, expand, shared = shared_prefill(prompts, device)
         step_ids, step_pos, step_mask = input_ids, positions, mask
         if shared:
             step_ids, step_pos, step_mask = input_ids[uniq], positions[uniq], mask[uniq]
@@ -231,31 +261,8 @@ class HFEngine:
                 logits = logits[expand]
                 past.batch_select_indices(expand)
                 shared = False
-            if sp.temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                probs = torch.softmax(_filter_logits(logits / sp.temperature, sp.top_k, sp.top_p), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            lp_list = top_list = None
-            if sp.logprobs:
-                logp = torch.log_softmax(logits, dim=-1)
-                lp_list = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
-                top_list = top_tokens(logp, n_top) if n_top else None
-            done = torch.isin(nxt, stop_ids)
-            nxt_list, done_list = nxt.tolist(), done.tolist()
-            for k, row in enumerate(alive.tolist()):
-                tokens[row].append(nxt_list[k])
-                if on_token is not None:
-                    on_token(row, nxt_list[k])
-                if lp_list is not None:
-                    logps[row].append(lp_list[k])
-                if top_list is not None:
-                    tops[row].append(top_list[k])
-                if done_list[k]:
-                    finish[row] = "stop"
-                elif stop_string_hit(self.tokenizer, tokens[row], sp.stop):
-                    finish[row] = "stop"
-                    done_list[k] = True
+            nxt = sample_next(logits, sp, gen)
+            done_list = self._record_step(rows, alive, nxt, logits, sp, stop_ids, on_token)
             keep = torch.tensor([not d for d in done_list], device=device)
             if not keep.any():
                 break
@@ -269,19 +276,56 @@ class HFEngine:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions[:, -1:] + 1
             step_ids, step_pos, step_mask = nxt[:, None], positions, mask
+        return self._generations(rows, sp)
 
+    def _record_step(
+        self,
+        rows: DecodeRows,
+        alive: torch.Tensor,
+        nxt: torch.Tensor,
+        logits: torch.Tensor,
+        sp: SamplingParams,
+        stop_ids: torch.Tensor,
+        on_token: TokenCallback | None,
+    ) -> list[bool]:
+        """Appends one step's tokens `nxt` (and their log-probs) to the live rows `alive`; returns which
+        of them are done (a stop id, or a stop string in the decoded tail)."""
+        n_top = sp.top_logprobs  # 0 unless logprobs (SamplingParams sees to it)
+        lp_list = top_list = None
+        if sp.logprobs:
+            logp = torch.log_softmax(logits, dim=-1)
+            lp_list = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+            top_list = top_tokens(logp, n_top) if n_top else None
+        done = torch.isin(nxt, stop_ids)
+        nxt_list, done_list = nxt.tolist(), done.tolist()
+        for k, row in enumerate(alive.tolist()):
+            rows.tokens[row].append(nxt_list[k])
+            if on_token is not None:
+                on_token(row, nxt_list[k])
+            if lp_list is not None:
+                rows.logps[row].append(lp_list[k])
+            if top_list is not None:
+                rows.tops[row].append(top_list[k])
+            if done_list[k]:
+                rows.finish[row] = "stop"
+            elif stop_string_hit(self.tokenizer, rows.tokens[row], sp.stop):
+                rows.finish[row] = "stop"
+                done_list[k] = True
+        return done_list
+
+    def _generations(self, rows: DecodeRows, sp: SamplingParams) -> list[Generation]:
+        """One `Generation` per row of a finished `_decode` (its prompt fields filled by the caller)."""
         results = []
-        for row in range(bsz):
-            ids = tokens[row]
-            reason = finish[row] or "length"
+        for row, ids in enumerate(rows.tokens):
+            reason = rows.finish[row] or "length"
             results.append(
                 Generation(
                     prompt_index=-1,
                     token_ids=ids,
                     text=self.tokenizer.decode(text_ids(ids, self.eos_ids), skip_special_tokens=False),
                     finish_reason=reason,  # type: ignore[arg-type]
-                    logprobs=logps[row][: len(ids)] if sp.logprobs else None,
-                    top_logprobs=tops[row][: len(ids)] if n_top else None,
+                    logprobs=rows.logps[row][: len(ids)] if sp.logprobs else None,
+                    top_logprobs=rows.tops[row][: len(ids)] if sp.top_logprobs else None,
                 )
             )
         return results

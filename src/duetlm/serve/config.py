@@ -1,0 +1,76 @@
+"""`ServeConfig`: the options of `duetlm serve` (its command-line flags are generated from the fields)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from duetlm.config import DType, Strict
+
+
+class ServeConfig(Strict):
+    """Options of `duetlm serve` (the CLI flags of the same names)."""
+
+    role: Literal["duet", "large"] = Field(
+        "duet", description="duet: M thinks, m answers; large: serve M alone"
+    )
+    large: str | None = Field(None, description="M: hub id, local dir, .gguf file or short name")
+    large_url: str | None = Field(
+        None, description="M behind an OpenAI-compatible server (vLLM, SGLang, duetlm) instead"
+    )
+    small: str | None = Field(None, description="m (role duet): hub id, local dir, .gguf file or short name")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="engine of the local models (vllm: its own venv)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: DType = Field("auto", description="weights dtype; auto = float32 on CPU, bfloat16 on CUDA")
+    served_model_name: str | None = Field(None, description="the model name clients use (default: the role)")
+    batching: Literal["continuous", "window"] = Field(
+        "continuous",
+        description="continuous: requests join a local HF model's running batch at each step; window",
+    )
+    max_batch: int = Field(16, ge=1, description="requests decoded together; 1 turns batching off")
+    batch_window_ms: float = Field(5.0, ge=0, description="window batching: how long a batch waits for more")
+    admit_ratio: float = Field(
+        0.0,
+        ge=0,
+        description="continuous batching: new requests join once waiting >= ratio x running (0: every step)",
+    )
+    admit_max_wait: int = Field(
+        16, ge=0, description="continuous batching: ... or once the oldest waited this many decode steps"
+    )
+    max_queue: int = Field(256, ge=1, description="requests admitted at once; beyond: 503 + Retry-After")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 503")
+    max_signal_tokens: int = Field(256, ge=1, description="default cap on M's thinking tokens")
+    max_answer_tokens: int = Field(256, ge=1, description="default cap on m's answer tokens")
+    max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(8, ge=1, description="largest n (choices per request) a request may ask for")
+    system_messages: Literal["reject", "ignore"] = Field(
+        "reject",
+        description="role duet: a system message is a 400 (reject) or dropped (ignore); M and m read the "
+        "question through duetlm's own prompts, so a system prompt cannot reach them",
+    )
+    temperature: float = Field(0.0, ge=0.0, description="default temperature (0 = greedy)")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
+    remote_timeout_s: float = Field(120.0, gt=0, description="per-request timeout towards --large-url")
+    remote_max_retries: int = Field(4, ge=0, description="retries towards --large-url")
+    remote_backoff_s: float = Field(0.5, ge=0, description="first backoff delay towards --large-url")
+    remote_concurrency: int = Field(16, ge=1, description="requests in flight towards --large-url")
+    api_key: str | None = Field(
+        None, description="clients must send 'Authorization: Bearer <key>' (all routes but /health)"
+    )
+
+    @model_validator(mode="after")
+    def _check_models(self) -> ServeConfig:
+        if (self.large is None) == (self.large_url is None):
+            raise ValueError("give exactly one of large (a model) and large_url (a server)")
+        if self.role == "duet" and self.small is None:
+            raise ValueError("role duet needs small (m); use role large to serve M alone")
+        if self.role == "large" and self.small is not None:
+            raise ValueError("role large serves M alone: drop small")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.role

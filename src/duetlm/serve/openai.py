@@ -1,0 +1,451 @@
+"""The OpenAI chat-completions API: the request schema and its validation (`parse_chat`), the error body
+(`ApiError`), and the responses, rendered as pure functions of a request's outcomes (`DuetOutcome`):
+the completion body, its choices, usage and log-probs, and the SSE chunks of a stream."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from duetlm import protocol
+from duetlm.engines.base import Generation
+from duetlm.engines.hf import text_ids
+from duetlm.serve.config import ServeConfig
+from duetlm.streaming import answer_text
+
+VALID_ROLES = ("system", "user", "assistant")
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An HTTP error with an OpenAI-style body; `param` names the offending field."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
+        }
+
+
+def upstream_error(err: Exception) -> ApiError:
+    """What a failed engine call becomes: 502 for the remote large model, 500 otherwise."""
+    from duetlm.engines.remote import RemoteEngineError
+
+    if isinstance(err, RemoteEngineError):
+        return ApiError(502, f"the large model (M) failed upstream: {err}", kind="upstream_error")
+    return ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")
+
+
+def shutting_down() -> ApiError:
+    """The error of a request still waiting when the server stops."""
+    return ApiError(503, "the server is shutting down", kind="server_error")
+
+
+# OpenAI's error body, as every 4xx/5xx of the API carries it.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["integer", "string", "null"]},
+            },
+        }
+    },
+}
+
+# -- requests ----------------------------------------------------------------------------------------
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    # parse_chat checks the role and says which are valid; the enum only documents them.
+    role: str = Field(json_schema_extra={"enum": list(VALID_ROLES)})
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields of an OpenAI chat-completions request that duetlm reads (others are ignored, as
+    vLLM does); `max_signal_tokens` and `top_k` are extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[_Message]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    max_signal_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    n: int = 1
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI and vLLM take it
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def chat_request_schema(model_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the JSON schema of a request body to this server, its `$defs`) for the OpenAPI document: the
+    handler reads the body itself, so FastAPI does not see `ChatRequest`."""
+    schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    schema["properties"]["model"]["enum"] = [model_name]
+    schema["properties"]["messages"]["minItems"] = 1
+    return schema, defs
+
+
+@dataclass(frozen=True)
+class ParsedChat:
+    """A validated request: the conversation as plain messages and the options with defaults."""
+
+    request: ChatRequest
+    messages: list[dict[str, str]]
+    max_tokens: int
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"]
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """The request's stop strings."""
+        stop = self.request.stop
+        return (stop,) if isinstance(stop, str) else tuple(stop or ())
+
+
+def error_location(loc: tuple[Any, ...]) -> str:
+    """A pydantic error's location as the field's path: `messages[0].content`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _text(content: str | list[dict[str, Any]] | None, where: str) -> str:
+    """A message's text; content parts must all be text."""
+    if content is None:
+        raise ApiError(400, f"{where}.content is missing", param=f"{where}.content")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for k, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(
+                400,
+                f"{where}.content[{k}]: only text parts are supported (got type {part.get('type')!r})",
+                param=f"{where}.content",
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _bounded(value: int | None, default: int, name: str, limit: int) -> int:
+    if value is None:
+        return default
+    if not 1 <= value <= limit:
+        raise ApiError(400, f"{name} must be between 1 and {limit} (got {value})", param=name)
+    return value
+
+
+def _validated(data: Any) -> ChatRequest:
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object (got {type(data).__name__})")
+    if "messages" not in data:
+        raise ApiError(400, "messages is required: a list of {role, content} objects", param="messages")
+    try:
+        req = ChatRequest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = error_location(first["loc"])
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+    if not req.messages:
+        raise ApiError(400, "messages is empty: send at least one user message", param="messages")
+    return req
+
+
+def _conversation(req: ChatRequest, cfg: ServeConfig) -> list[dict[str, str]]:
+    """The request's messages as {role, content} texts, checked for `cfg.role`."""
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.role not in VALID_ROLES:
+            raise ApiError(
+                400,
+                f"messages[{i}].role {m.role!r} is not supported; use one of {', '.join(VALID_ROLES)}",
+                param=f"messages[{i}].role",
+            )
+        messages.append({"role": m.role, "content": _text(m.content, f"messages[{i}]")})
+    if messages[-1]["role"] != "user":
+        raise ApiError(
+            400, f"the last message must come from the user (got {messages[-1]['role']!r})", param="messages"
+        )
+    if cfg.role == "duet" and cfg.system_messages == "ignore":
+        messages = [m for m in messages if m["role"] != "system"]
+    if cfg.role == "duet" and len(messages) != 1:
+        roles = ", ".join(m["role"] for m in messages)
+        hint = (
+            " (a server started with --system-messages ignore drops system messages)"
+            if "system" in roles
+            else ""
+        )
+        raise ApiError(
+            400,
+            f"the duet pipeline answers one question: send exactly one user message (got roles {roles})"
+            + hint,
+            param="messages",
+        )
+    if not messages[-1]["content"].strip():
+        raise ApiError(400, f"messages[{len(messages) - 1}].content is empty", param="messages")
+    return messages
+
+
+def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
+    """Validate a request body for `cfg.role`; every failure is a 400 naming the field."""
+    req = _validated(data)
+    messages = _conversation(req, cfg)
+    if not 1 <= req.n <= cfg.max_n:
+        raise ApiError(400, f"n must be between 1 and {cfg.max_n} (got {req.n})", param="n")
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    default = cfg.max_answer_tokens if cfg.role == "duet" else cfg.max_signal_tokens
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = _bounded(requested, default, name, cfg.max_tokens_limit)
+    _bounded(req.max_signal_tokens, cfg.max_signal_tokens, "max_signal_tokens", cfg.max_tokens_limit)
+    return ParsedChat(req, messages, max_tokens)
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DuetOutcome:
+    """One choice's pass: M's generation and signal, and m's generation (None for role large)."""
+
+    large: Generation
+    signal: protocol.Signal
+    small: Generation | None = None
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """How a response spells a model's tokens (in `logprobs`): its tokenizer and end-of-sequence ids."""
+
+    tokenizer: Any
+    eos_ids: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, engine: Any) -> TokenText:
+        return cls(getattr(engine, "tokenizer", None), frozenset(getattr(engine, "eos_ids", ())))
+
+    def spell(self, token_id: int) -> str:
+        tok = self.tokenizer
+        return tok.decode([token_id], skip_special_tokens=False) if hasattr(tok, "decode") else ""
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a response says about its server: the model name clients use, the role, and the tokens of
+    M (`large`) and m (`small`; None for role large)."""
+
+    model: str
+    role: str
+    large: TokenText
+    small: TokenText | None = None
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def reasoning(text: str) -> dict[str, str]:
+    """M's thinking under both names clients read: `reasoning_content` (DeepSeek's, most clients) and
+    `reasoning` (vLLM's since it deprecated the other)."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
+def duet_fields(outcome: DuetOutcome) -> dict[str, Any]:
+    return {"signal_complete": outcome.signal.complete, "large_finish": outcome.large.finish_reason}
+
+
+def _prompt_tokens(g: Generation) -> int:
+    """Prompt tokens of a generation: counted locally, or reported by a remote server."""
+    return len(g.prompt_token_ids) or int(getattr(g, "prompt_tokens", 0))
+
+
+def usage(outcomes: list[DuetOutcome]) -> dict[str, Any]:
+    """Tokens of all choices: M's prompt once (every choice shares it), m's prompts (each holds its
+    own signal) and both models' completions summed."""
+    large = {
+        "prompt_tokens": _prompt_tokens(outcomes[0].large),
+        "completion_tokens": sum(o.large.num_tokens for o in outcomes),
+    }
+    small = {
+        "prompt_tokens": sum(_prompt_tokens(o.small) for o in outcomes if o.small is not None),
+        "completion_tokens": sum(o.small.num_tokens for o in outcomes if o.small is not None),
+    }
+    prompt = large["prompt_tokens"] + small["prompt_tokens"]
+    completion = large["completion_tokens"] + small["completion_tokens"]
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "completion_tokens_details": {"reasoning_tokens": large["completion_tokens"]},
+        "large": large,
+        "small": small,
+    }
+
+
+def choice_fields(chat: ParsedChat, outcome: DuetOutcome) -> tuple[str, str]:
+    """(content, finish_reason) of the choice: m's answer cut before the first stop string."""
+    if outcome.small is not None:
+        return answer_text(outcome.small.text, chat.stop), outcome.small.finish_reason
+    return "", outcome.large.finish_reason
+
+
+def extensions(role: str, outcome: DuetOutcome) -> dict[str, Any]:
+    """Fields beyond the OpenAI choice: for role large, what `RemoteEngine` needs to rebuild M's
+    raw text and count its tokens exactly (vLLM's `stop_reason` and `token_ids`)."""
+    if role == "large":
+        return {
+            "stop_reason": protocol.THINK_CLOSE if outcome.signal.complete else None,
+            "token_ids": list(outcome.large.token_ids),
+        }
+    return {}
+
+
+def logprobs(chat: ParsedChat, outcome: DuetOutcome, served: Served) -> dict[str, Any] | None:
+    """OpenAI's `choice.logprobs` when the request asked for them: one entry per token of the
+    choice's text (m's answer; M's thinking for role large), a final end-of-sequence token left
+    out; `logprob` is the model's own log-probability of the sampled token (before temperature and
+    top-k/top-p, as the engines report it); `top_logprobs` the request's number of most likely
+    tokens at that position under the same distribution (empty when not asked for, or when the
+    engine reports none: a remote M)."""
+    gen = outcome.small if outcome.small is not None else outcome.large
+    if not chat.request.logprobs or gen.logprobs is None:
+        return None
+    vocab = served.small if outcome.small is not None and served.small is not None else served.large
+    ids = text_ids(list(gen.token_ids), vocab.eos_ids)
+
+    def entry(token_id: int, lp: float) -> dict[str, Any]:
+        text = vocab.spell(token_id)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    tops = gen.top_logprobs or []
+    entries = []
+    for k, (token_id, lp) in enumerate(zip(ids, gen.logprobs, strict=False)):
+        top = [entry(t, v) for t, v in tops[k]] if k < len(tops) else []
+        entries.append({**entry(token_id, lp), "top_logprobs": top})
+    return {"content": entries}
+
+
+def last_chunk_fields(served: Served, chat: ParsedChat, outcome: DuetOutcome) -> dict[str, Any]:
+    """What a choice's last streamed chunk carries beside its finish reason: log-probs (the engines
+    report them per generation, not per token as it streams) and the role's extensions."""
+    return {"logprobs": logprobs(chat, outcome, served), **extensions(served.role, outcome)}
+
+
+def completion(served: Served, chat: ParsedChat, outcomes: list[DuetOutcome]) -> dict[str, Any]:
+    """The body of a non-streamed chat completion."""
+    choices = []
+    for i, outcome in enumerate(outcomes):
+        content, finish = choice_fields(chat, outcome)
+        message = {"role": "assistant", "content": content, **reasoning(outcome.signal.text)}
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "finish_reason": finish,
+                "logprobs": logprobs(chat, outcome, served),
+                **extensions(served.role, outcome),
+                "duet": duet_fields(outcome),
+            }
+        )
+    return {
+        "id": new_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": served.model,
+        "choices": choices,
+        "usage": usage(outcomes),
+        "duet": duet_fields(outcomes[0]),  # choice 0's, where clients of n = 1 look
+    }
+
+
+# -- server-sent events ------------------------------------------------------------------------------
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: dict[str, Any], ensure_ascii: bool = True) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=ensure_ascii)}\n\n"
+
+
+def error_event(err: ApiError) -> str:
+    """The event that ends a stream whose request failed after the response started."""
+    return sse(err.body())
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """The `chat.completion.chunk` events of one streamed response (one id and creation time)."""
+
+    model: str
+    id: str
+    created: int
+
+    @classmethod
+    def start(cls, model: str) -> Chunks:
+        return cls(model, new_id(), int(time.time()))
+
+    def choice(self, index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        return sse(chunk, ensure_ascii=False)
+
+    def usage(self, usage: dict[str, Any]) -> str:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage,
+        }
+        return sse(chunk)

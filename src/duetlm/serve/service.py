@@ -1,0 +1,367 @@
+"""`DuetService`: the engines, the pipeline, the stages that batch each model's requests and the
+admission bound behind the HTTP routes; `build_service` loads the engines a `ServeConfig` names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from duetlm import protocol
+from duetlm.engines.base import Engine, Generation, SamplingParams, generate_streaming
+from duetlm.errors import DuetError
+from duetlm.pipeline import DuetPipeline, signals_of
+from duetlm.serve.batching import (
+    ContinuousStage,
+    Stage,
+    StageKey,
+    TokenSink,
+    WindowBatcher,
+    row_sinks,
+    stage_key,
+)
+from duetlm.serve.config import ServeConfig
+from duetlm.serve.metrics import ServeMetrics
+from duetlm.serve.openai import ApiError, DuetOutcome, ParsedChat, Served, TokenText, upstream_error
+from duetlm.serve.stream import ChatStream, Event, answer_deltas, signal_deltas, sse_events
+
+Prepare = Callable[[Hashable, Any], tuple[list[int], SamplingParams]]
+
+
+class DuetService:
+    """The engines, the pipeline, the batchers and the admission bound behind the HTTP routes.
+
+    Stage M runs `DuetPipeline.think` (role duet) or M on the templated conversation (role large);
+    stage m runs `DuetPipeline.answer`. Engine calls run in worker threads, one per local engine, so
+    torch work on an engine is serialised and never blocks the event loop.
+    """
+
+    def __init__(self, cfg: ServeConfig, large: Engine, small: Engine | None = None) -> None:
+        self.cfg = cfg
+        self.large = large
+        self.small = small
+        self.pipeline = DuetPipeline(large, small)
+        self.served = Served(
+            cfg.model_name, cfg.role, TokenText.of(large), TokenText.of(small) if small is not None else None
+        )
+        self.in_flight = 0
+        self._executors: dict[int, ThreadPoolExecutor] = {}
+        self._continuous: dict[int, Any] = {}
+        if cfg.role == "duet":
+            self.large_stage = self._stage("large", self._run_think, self._prepare_think, large)
+        else:
+            self.large_stage = self._stage("large", self._run_large_chat, self._prepare_chat, large)
+        self.small_stage = (
+            self._stage("small", self._run_answer, self._prepare_answer, small) if small is not None else None
+        )
+        self.metrics = ServeMetrics(lambda: self.in_flight, self.stages)
+
+    # -- stages -------------------------------------------------------------------------------------
+
+    def _stage(self, name: str, run: Callable[..., list[Any]], prepare: Prepare, engine: Engine) -> Stage:
+        """The stage's batching: continuous on a local HF model (unless `batching: window`), else
+        windowed (vLLM's offline engine and a remote M take whole batches)."""
+        from duetlm.engines.hf import HFEngine
+
+        if self.cfg.batching == "continuous" and isinstance(engine, HFEngine):
+            if id(engine) not in self._continuous:
+                from duetlm.engines.continuous import ContinuousBatcher
+
+                self._continuous[id(engine)] = ContinuousBatcher(
+                    engine,
+                    max_batch=self.cfg.max_batch,
+                    admit_ratio=self.cfg.admit_ratio,
+                    admit_max_wait=self.cfg.admit_max_wait,
+                )
+            return ContinuousStage(name, prepare, self._continuous[id(engine)])
+        batcher = self._batcher(name, run, engine)
+        if isinstance(engine, HFEngine):  # a request that does not fit the model is a 400 before it waits
+            batcher.check = lambda key, payload: _check_fits(name, engine, *prepare(key, payload))
+        return batcher
+
+    def _batcher(self, name: str, run: Callable[..., list[Any]], engine: Engine) -> WindowBatcher:
+        # One worker per local engine: torch work on one model is serialised (M and m share it when
+        # they are the same engine). A remote engine has no torch state: several batches may be out.
+        workers = 4 if getattr(engine, "thread_safe", False) else 1
+        if id(engine) not in self._executors:
+            self._executors[id(engine)] = ThreadPoolExecutor(workers, thread_name_prefix=f"engine-{name}")
+        window = self.cfg.batch_window_ms / 1000
+        return WindowBatcher(name, run, self._executors[id(engine)], self.cfg.max_batch, window, workers)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [s for s in (self.large_stage, self.small_stage) if s is not None]
+
+    async def start(self) -> None:
+        for stage in self.stages:
+            stage.start()
+
+    async def stop(self) -> None:
+        for stage in self.stages:
+            await stage.stop()
+        for batcher in self._continuous.values():
+            await asyncio.get_running_loop().run_in_executor(None, batcher.close, 30.0)
+        for pool in self._executors.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # The batch functions run in the engines' worker threads.
+    def _run_think(
+        self, key: StageKey, questions: list[str], sinks: list[TokenSink | None]
+    ) -> list[Generation]:
+        pipe = replace(self.pipeline, large_sampling=key.params)
+        return [gs[0] for gs in pipe.think(questions, on_token=row_sinks(sinks))]
+
+    def _run_answer(
+        self, key: StageKey, items: list[tuple[str, str]], sinks: list[TokenSink | None]
+    ) -> list[Generation]:
+        pipe = replace(self.pipeline, small_sampling=key.params)
+        questions, signals = [q for q, _ in items], [z for _, z in items]
+        return [gs[0] for gs in pipe.answer(questions, signals, n=1, on_token=row_sinks(sinks))]
+
+    def _run_large_chat(
+        self, key: StageKey, prompts: list[str], sinks: list[TokenSink | None]
+    ) -> list[Generation]:
+        return [gs[0] for gs in generate_streaming(self.large, prompts, key.params, row_sinks(sinks))]
+
+    # What a continuous stage hands its batcher: the same prompts and sampling as the batch functions.
+    def _prepare_think(self, key: StageKey, question: str) -> tuple[list[int], SamplingParams]:
+        pipe = replace(self.pipeline, large_sampling=key.params)
+        return self.large.encode(pipe.think_prompts([question]))[0], pipe.large_params()  # type: ignore[attr-defined]
+
+    def _prepare_answer(self, key: StageKey, item: tuple[str, str]) -> tuple[list[int], SamplingParams]:
+        prompt = self.pipeline.answer_prompts([item[0]], [item[1]])[0]
+        return self.small.encode([prompt])[0], replace(key.params, n=1)  # type: ignore[union-attr]
+
+    def _prepare_chat(self, key: StageKey, prompt: str) -> tuple[list[int], SamplingParams]:
+        return self.large.encode([prompt])[0], key.params  # type: ignore[attr-defined]
+
+    # -- admission ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[Callable[[], None]]:
+        """Admission: a slot for the request, or a 503 at once when `max_queue` are in the server.
+
+        Yields `keep()`: call it to hand the slot to a streaming response, which releases it itself.
+        """
+        if self.in_flight >= self.cfg.max_queue:
+            raise ApiError(
+                503,
+                f"the server is busy ({self.in_flight} requests in flight, queue limit {self.cfg.max_queue}); "
+                f"retry after {self.cfg.retry_after_s} s",
+                kind="server_overloaded",
+                headers={"Retry-After": str(self.cfg.retry_after_s)},
+            )
+        self.in_flight += 1
+        kept = False
+
+        def keep() -> None:
+            nonlocal kept
+            kept = True
+
+        try:
+            yield keep
+        finally:
+            if not kept:
+                self.in_flight -= 1
+
+    def answered(self, task: asyncio.Task[Any]) -> None:
+        """Done-callback of a streamed answer: free its slot (and mark its error as seen: the stream
+        reports it, or nobody is listening any more)."""
+        self.in_flight -= 1
+        if not task.cancelled():
+            task.exception()
+
+    # -- a request's passes -------------------------------------------------------------------------
+
+    def _sampling(
+        self,
+        chat: ParsedChat,
+        max_tokens: int,
+        stop: tuple[str, ...] = (),
+        index: int = 0,
+        logprobs: bool = False,
+    ) -> SamplingParams:
+        """The sampling options of choice `index` (with n > 1 and a seed, choice i samples with seed + i,
+        so choice 0 is what the same request with n = 1 gets)."""
+        req = chat.request
+        # Choice i samples with seed + i, wrapped into int64 (what the request's seed is, and what a
+        # remote M's server accepts).
+        seed = None if req.seed is None else (req.seed + index + 2**63) % 2**64 - 2**63
+        return SamplingParams(
+            temperature=self.cfg.temperature if req.temperature is None else req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            max_new_tokens=max_tokens,
+            stop=stop,
+            seed=seed,
+            logprobs=logprobs,
+            top_logprobs=req.top_logprobs or 0,  # SamplingParams drops it without logprobs
+        )
+
+    def _large_request(self, chat: ParsedChat, index: int) -> tuple[StageKey, Any]:
+        """Stage M's (key, payload): the question (role duet), or the templated conversation (role
+        large, sampled as `DuetPipeline.large_params` says: M stops at the end of its thinking)."""
+        if self.cfg.role == "duet":
+            signal_cap = chat.request.max_signal_tokens or self.cfg.max_signal_tokens
+            return stage_key(self._sampling(chat, signal_cap, index=index)), chat.question
+        base = self._sampling(chat, chat.max_tokens, chat.stop, index, chat.request.logprobs)
+        key = stage_key(replace(self.pipeline, large_sampling=base).large_params())
+        try:
+            return key, protocol.large_chat_prompt(getattr(self.large, "tokenizer", None), chat.messages)
+        except DuetError as err:
+            raise ApiError(400, str(err), param="messages") from None
+
+    async def think(self, chat: ParsedChat, on_token: TokenSink | None = None, index: int = 0) -> DuetOutcome:
+        """Stage 1: M's signal (role duet), or M's thinking on the conversation (role large)."""
+        key, payload = self._large_request(chat, index)
+        try:
+            g = await self.large_stage.submit(key, payload, on_token)
+        except ApiError:
+            raise
+        except Exception as err:
+            raise upstream_error(err) from err
+        return DuetOutcome(g, signals_of([g])[0])
+
+    async def answer(
+        self, chat: ParsedChat, outcome: DuetOutcome, on_token: TokenSink | None = None, index: int = 0
+    ) -> DuetOutcome:
+        """Stage 2: m's answer to (x, z)."""
+        assert self.small_stage is not None
+        key = stage_key(self._sampling(chat, chat.max_tokens, chat.stop, index, chat.request.logprobs))
+        try:
+            payload = (chat.question, outcome.signal.text)
+            outcome.small = await self.small_stage.submit(key, payload, on_token)
+        except ApiError:
+            raise
+        except Exception as err:
+            raise upstream_error(err) from err
+        return outcome
+
+    async def run(
+        self, chat: ParsedChat, index: int = 0, events: asyncio.Queue[Event] | None = None
+    ) -> DuetOutcome:
+        """Choice `index` of a request: M's pass, then m's (role duet). With `events` (a stream), its
+        progress goes there as (index, kind, value), in order: ("large", token id or text)*,
+        ("signal", outcome), ("small", token id)*, ("done", outcome)."""
+        loop = asyncio.get_running_loop()
+
+        def sink(kind: str) -> TokenSink | None:
+            if events is None:
+                return None
+            # From the engine's worker thread: hand each output to the event loop, in order (the batch's
+            # result is set after its tokens, through the same loop, so it cannot overtake them).
+            return lambda output: loop.call_soon_threadsafe(events.put_nowait, (index, kind, output))
+
+        outcome = await self.think(chat, sink("large"), index)
+        if events is not None:
+            events.put_nowait((index, "signal", outcome))
+        if self.cfg.role == "duet":
+            outcome = await self.answer(chat, outcome, sink("small"), index)
+        if events is not None:
+            events.put_nowait((index, "done", outcome))
+        return outcome
+
+    async def run_all(
+        self, chat: ParsedChat, events: asyncio.Queue[Event] | None = None
+    ) -> list[DuetOutcome]:
+        """The request's n choices, concurrently (they batch with each other); the first failure
+        cancels the rest and is raised."""
+        if chat.request.n == 1:
+            return [await self.run(chat, 0, events)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.run(chat, i, events)) for i in range(chat.request.n)]
+        except* Exception as errors:
+            raise errors.exceptions[0] from None
+        return [t.result() for t in tasks]
+
+    # -- streams ------------------------------------------------------------------------------------
+
+    def open_stream(self, chat: ParsedChat) -> tuple[asyncio.Queue[Event], asyncio.Task[None]]:
+        """Start a streamed request: a task runs its n choices (`run_all` with an event queue) and
+        ends the queue with ("error", ApiError) if one fails. Token events come only from engines that
+        stream."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        async def run() -> None:
+            try:
+                await self.run_all(chat, events)
+            except ApiError as err:
+                events.put_nowait((0, "error", err))
+            except Exception as err:  # a stream must end with an event, whatever broke
+                events.put_nowait((0, "error", upstream_error(err)))
+
+        return events, asyncio.get_running_loop().create_task(run())
+
+    def stream(
+        self,
+        chat: ParsedChat,
+        events: asyncio.Queue[Event],
+        task: asyncio.Task[None],
+        first: Event,
+        started: float,
+    ) -> AsyncIterator[str]:
+        """The SSE of a request opened by `open_stream` (`first`: its first event, already taken)."""
+        n = chat.request.n
+        # M's end-of-thinking stop ids never show in the signal.
+        think_stops = self.pipeline.large_params().stop_token_ids
+        signals = [signal_deltas(self.large, think_stops) for _ in range(n)]
+        answers = [answer_deltas(self.small, chat.stop) for _ in range(n)]
+        view = ChatStream(self.served, chat, signals, answers, self.metrics, started)
+        return sse_events(view, events, task, first)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "role": self.cfg.role,
+            "model": self.cfg.model_name,
+            "in_flight": self.in_flight,
+            "max_queue": self.cfg.max_queue,
+            "batching": {
+                "mode": self.cfg.batching,
+                "max_batch": self.cfg.max_batch,
+                "window_ms": self.cfg.batch_window_ms,
+                "admit_ratio": self.cfg.admit_ratio,
+                "admit_max_wait": self.cfg.admit_max_wait,
+            },
+            "stages": {s.name: s.stats.to_json() for s in self.stages},
+        }
+
+
+def _check_fits(name: str, engine: Any, prompt_ids: list[int], params: SamplingParams) -> None:
+    from duetlm.engines.hf import check_fits
+
+    try:
+        check_fits(engine.model, len(prompt_ids), params.max_new_tokens)
+    except ValueError as err:
+        raise ApiError(400, f"the {name} model cannot take this request: {err}") from None
+
+
+def build_service(cfg: ServeConfig) -> DuetService:
+    """Load the engines `cfg` names (one engine when M and m are the same model)."""
+    from duetlm.config import ModelConfig
+    from duetlm.engines import build_engine
+
+    def local(spec: str) -> Engine:
+        return build_engine(ModelConfig(path=spec, dtype=cfg.dtype, device=cfg.device, engine=cfg.engine))
+
+    if cfg.large_url is not None:
+        from duetlm.engines.remote import RemoteEngine
+
+        large: Engine = RemoteEngine(
+            cfg.large_url,
+            timeout=cfg.remote_timeout_s,
+            max_retries=cfg.remote_max_retries,
+            backoff=cfg.remote_backoff_s,
+            max_concurrency=cfg.remote_concurrency,
+        )
+    else:
+        assert cfg.large is not None
+        large = local(cfg.large)
+    small = None
+    if cfg.small is not None:
+        small = large if cfg.small == cfg.large else local(cfg.small)
+    return DuetService(cfg, large, small)
