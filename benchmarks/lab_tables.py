@@ -10,7 +10,7 @@ process. After each variant `results.json`, `tables.md` and `pareto.png` are rew
 interrupted run still leaves the variants that finished.
 
 Inference-only rows (warm-started pair, greedy): m alone, original M, prompt-based (the paper's concise
-instruction), budget forcing at three budgets (0.4, 0.6 and 0.8 of the original M's mean tokens, the
+instruction), budget forcing at three caps (0.4, 0.6 and 0.8 of the original M's mean tokens, the
 lab's analogue of 3072/4096/8192 against a few thousand tokens), DUET with the untrained pair.
 
 Trained rows: DUET; single-model; ThinkPrune (its limits scaled to the lab, see `thinkprune_objective`);
@@ -187,10 +187,7 @@ def merge(parts: list[Path], out: Path) -> dict[str, Any]:
     table1 = set(tables["table1"]) - {"small"}
     plot_pareto([r for r in rows if r.method in table1], out / "pareto.png")
     merged = {
-        **{
-            k: first[k]
-            for k in ("seed", "T0", "truncation_budgets", "thinkprune", "constant_lambda", "config")
-        },
+        **{k: first[k] for k in ("seed", "T0", "truncation_caps", "thinkprune", "constant_lambda", "config")},
         "parts": [
             {
                 "dir": str(p),
@@ -273,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     missing: list[str] = [v.name for v in VARIANTS]  # until trained
 
     t0: float | None = None
-    budgets: list[int] = []
+    caps: list[int] = []
     tp: dict[str, int] = {}
     if args.no_baselines:
         if any(v.mode == "thinkprune" for v in variants):
@@ -282,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         say("inference-only baselines on the warm-started pair")
         base = evaluate(work / "eval" / "warm", cfg, large0, small0, data.test, ["small", "original"])
         t0 = next(r for r in base if r.method == "original").large_tokens
-        budgets = sorted({max(1, round(f * t0)) for f in (0.4, 0.6, 0.8)})
+        caps = sorted({max(1, round(f * t0)) for f in (0.4, 0.6, 0.8)})
         base += evaluate(
             work / "eval" / "warm2",
             cfg,
             large0,
             small0,
             data.test,
-            ["prompt", "duet"] + [f"truncation:{b}" for b in budgets],
+            ["prompt", "duet"] + [f"truncation:{t}" for t in caps],
             rename={"duet": "DUET (untrained pair)"},
         )
         rows += base
@@ -308,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps_per_variant": args.steps,
             "threads": cfg.threads,
             "T0": t0,
-            "truncation_budgets": budgets,
+            "truncation_caps": caps,
             "thinkprune": tp,
             "constant_lambda": CONSTANT_LAMBDA,
             "warm_start": {"large": str(ws.large_dir), "small": str(ws.small_dir), "cached": ws.cached},
@@ -329,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         trained = trainer.train()
         train_s = time.perf_counter() - t
-        if trained.stopped_by_signal is not None:
+        if trained.stop_signum is not None:
             say(f"{v.name}: stopped by signal; stopping")
             break
         large1 = trainer.policies["large"].engine
@@ -361,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         tables[v.table].append(v.name)
         missing.remove(v.name)
-        if v.name == "DUET":  # naive truncation of the original M at DUET's budget
+        if v.name == "DUET":  # naive truncation of the original M capped at DUET's mean M tokens
             b = max(1, round(r.large_tokens))
             if f"truncation:{b}" not in {x.method for x in rows}:
                 (rt,) = evaluate(

@@ -110,10 +110,10 @@ def strip_timing(rec: SampleRecord) -> dict:
 # Method names
 
 
-def test_parse_method_names_and_budgets():
+def test_parse_method_names_and_caps():
     assert parse_method("duet").name == "duet"
     spec = parse_method(" truncation:3072 ")
-    assert (spec.name, spec.kind, spec.budget) == ("truncation:3072", "truncation", 3072)
+    assert (spec.name, spec.kind, spec.cap) == ("truncation:3072", "truncation", 3072)
     assert parse_method("truncation:0100").name == "truncation:100"
     assert split_list(["duet, original", "duet,,small"]) == ["duet", "original", "small"]
     assert set(METHODS) == {"duet", "original", "truncation", "prompt", "small"}
@@ -122,11 +122,11 @@ def test_parse_method_names_and_budgets():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("beam", "unknown method 'beam'; valid methods: duet, original, truncation:B, prompt, small"),
-        ("truncation:abc", "budget must be a positive whole number"),
-        ("truncation", "budget must be a positive whole number"),
-        ("truncation:0", "budget must be a positive whole number"),
-        ("truncation:-5", "budget must be a positive whole number"),
+        ("beam", "unknown method 'beam'; valid methods: duet, original, truncation:T, prompt, small"),
+        ("truncation:abc", "cap must be a positive whole number"),
+        ("truncation", "cap must be a positive whole number"),
+        ("truncation:0", "cap must be a positive whole number"),
+        ("truncation:-5", "cap must be a positive whole number"),
         ("duet:5", "takes no argument"),
     ],
 )
@@ -382,8 +382,8 @@ def test_report_renders_and_compares(tmp_path, full_run):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"--methods": "duet,beam"}, "unknown method 'beam'; valid methods: duet, original, truncation:B"),
-        ({"--methods": "truncation:abc"}, "method 'truncation:abc': the budget must be a positive whole"),
+        ({"--methods": "duet,beam"}, "unknown method 'beam'; valid methods: duet, original, truncation:T"),
+        ({"--methods": "truncation:abc"}, "method 'truncation:abc': the cap must be a positive whole"),
         ({"--samples": "0"}, "--samples: input should be greater than or equal to 1 (got 0)"),
         ({"--benchmarks": "no-such-benchmark"}, "unknown source 'no-such-benchmark'"),
         ({"--large-engine": "gpu"}, "--large-engine 'gpu' is not an engine; valid: hf, vllm, remote"),

@@ -264,7 +264,7 @@ def test_quick_demo_results_structure(quick_run):
     root, results, output, again = quick_run
     methods = results["methods"]
     expected = {"small", "original", "duet", "duet (warm start)", "small (trained m)", "truncation:8"}
-    expected |= {"truncation-small:8", f"truncation:{results['duet_budget']}"}
+    expected |= {"truncation-small:8", f"truncation:{results['duet_cap']}"}
     assert expected <= set(methods), set(methods)
     # Each row is the mean over the per-sample records of one evaluation the demo ran (the run directory
     # holds the second run's records).
@@ -298,7 +298,7 @@ def test_quick_demo_results_structure(quick_run):
         "small_alone_le_0.40",
         "duet_tokens_le_0.40_T0",
         "duet_accuracy_ge_original_minus_0.02",
-        "truncation_at_duet_budget_le_duet_minus_0.10",
+        "truncation_at_duet_tokens_le_duet_minus_0.10",
     }
     # The targets compare the rows above; those that hold at toy sizes (a tiny m cannot solve the task
     # alone; the whole quick demo takes seconds) are met.

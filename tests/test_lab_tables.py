@@ -41,7 +41,7 @@ def test_lab_tables_quick(tmp_path):
     methods = res["methods"]
     for name in ("original", "small", "prompt", "DUET (untrained pair)", "DUET", "ThinkPrune"):
         assert name in methods, name
-    assert len(res["truncation_budgets"]) == 3
+    assert len(res["truncation_caps"]) == 3
     assert methods["DUET"]["steps"] == 1 and methods["DUET"]["models"] == "trained"
     # the variants not asked for are listed as missing, in results.json and in the tables
     assert "L-GRPO" in res["missing"] and "DUET" not in res["missing"]

@@ -95,7 +95,7 @@ def test_mode_and_schedule_run_end_to_end(tmp_path, tiny_dir, tiny_llama_dir, mo
         objective={"thinkprune_start": 6, "thinkprune_step": 2, "thinkprune_every": 1, "thinkprune_floor": 2},
     )
     result = DuetTrainer(cfg, train_problems=PROBLEMS).train()
-    assert result.step == 2 and result.stopped_by_signal is None
+    assert result.step == 2 and result.stop_signum is None
     records = metrics_of(result.run_dir)
     assert [r["step"] for r in records] == [1, 2]
     for r in records:

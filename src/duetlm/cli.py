@@ -108,8 +108,8 @@ def train(
     cfg = load_config(TrainConfig, config, set_)
     result = run_training(cfg, resume=resume, run_dir=run_dir)
     typer.echo(f"step {result.step}/{cfg.run.steps}; checkpoint {result.checkpoint}")
-    if result.stopped_by_signal is not None:
-        raise typer.Exit(128 + result.stopped_by_signal)
+    if result.stop_signum is not None:
+        raise typer.Exit(128 + result.stop_signum)
 
 
 @app.command("init-tiny")

@@ -3,7 +3,7 @@
 The methods (algorithm.md §5), one dispatch table, `METHODS`:
 - `duet`: M thinks, its signal z goes to m, m answers (`DuetPipeline.run`);
 - `original`: M alone, thinking then its own answer (`DuetPipeline.original`);
-- `truncation:B`: budget forcing; M's thinking is cut at B tokens, the block closed, M answers
+- `truncation:T`: budget forcing; M's thinking is cut at T tokens, the block closed, M answers
   (`DuetPipeline.truncation`);
 - `prompt`: `original` with the paper's concise instruction (`DuetPipeline.concise`);
 - `small`: m alone (`DuetPipeline.small_only`).
@@ -58,37 +58,37 @@ MethodRun = Callable[[DuetPipeline, list[str], "int | None", int], list[DuetResu
 
 @dataclass(frozen=True)
 class MethodDef:
-    """A method of the evaluation. `run(pipeline, questions, budget, seed)` answers a batch."""
+    """A method of the evaluation. `run(pipeline, questions, cap, seed)` answers a batch."""
 
     summary: str
     run: MethodRun
     uses_large: bool = True
     uses_small: bool = False
-    takes_budget: bool = False
+    takes_cap: bool = False
 
 
 METHODS: dict[str, MethodDef] = {
     "duet": MethodDef(
         "M writes a signal z, m answers from (x, z)",
-        lambda pipe, qs, budget, seed: pipe.run(qs, seed=seed),
+        lambda pipe, qs, cap, seed: pipe.run(qs, seed=seed),
         uses_small=True,
     ),
     "original": MethodDef(
         "M alone: thinking, then its own answer",
-        lambda pipe, qs, budget, seed: pipe.original(qs, seed=seed),
+        lambda pipe, qs, cap, seed: pipe.original(qs, seed=seed),
     ),
     "truncation": MethodDef(
-        "budget forcing: M's thinking cut at B tokens, then M answers",
-        lambda pipe, qs, budget, seed: pipe.truncation(qs, budget or 0, seed=seed),
-        takes_budget=True,
+        "budget forcing: M's thinking cut at T tokens, then M answers",
+        lambda pipe, qs, cap, seed: pipe.truncation(qs, cap or 0, seed=seed),
+        takes_cap=True,
     ),
     "prompt": MethodDef(
         "M alone with the paper's concise-reasoning instruction",
-        lambda pipe, qs, budget, seed: pipe.concise(qs, seed=seed),
+        lambda pipe, qs, cap, seed: pipe.concise(qs, seed=seed),
     ),
     "small": MethodDef(
         "m alone, no signal",
-        lambda pipe, qs, budget, seed: pipe.small_only(qs, seed=seed),
+        lambda pipe, qs, cap, seed: pipe.small_only(qs, seed=seed),
         uses_large=False,
         uses_small=True,
     ),
@@ -96,16 +96,16 @@ METHODS: dict[str, MethodDef] = {
 
 
 def valid_methods() -> str:
-    return ", ".join(f"{name}:B" if d.takes_budget else name for name, d in METHODS.items())
+    return ", ".join(f"{name}:T" if d.takes_cap else name for name, d in METHODS.items())
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method as named on the command line: `name` (e.g. `truncation:3072`), its kind and budget."""
+    """A method as named on the command line: `name` (e.g. `truncation:3072`), its kind and cap (the truncation baseline's T)."""
 
     name: str
     kind: str
-    budget: int | None = None
+    cap: int | None = None
 
     @property
     def definition(self) -> MethodDef:
@@ -119,13 +119,13 @@ def parse_method(text: str) -> MethodSpec:
     if kind not in METHODS:
         raise DuetError(f"unknown method {name!r}; valid methods: {valid_methods()}")
     definition = METHODS[kind]
-    if not definition.takes_budget:
+    if not definition.takes_cap:
         if sep:
             raise DuetError(f"method {kind!r} takes no argument (got {name!r})")
         return MethodSpec(kind, kind)
     if not arg.strip().isdigit() or int(arg) < 1:
         raise DuetError(
-            f"method {name!r}: the budget must be a positive whole number of tokens, "
+            f"method {name!r}: the cap must be a positive whole number of tokens, "
             f"e.g. {kind}:3072 (got {arg!r})"
         )
     return MethodSpec(f"{kind}:{int(arg)}", kind, int(arg))
@@ -193,7 +193,7 @@ def make_config(**options: Any) -> EvalConfig:
     try:
         return EvalConfig(**options)
     except ValidationError as err:
-        # A DuetError raised in a validator (unknown method, bad budget) keeps its own message.
+        # A DuetError raised in a validator (unknown method, bad cap) keeps its own message.
         parts = []
         for e in err.errors():
             field = ".".join(str(p) for p in e["loc"]) or "options"
@@ -358,7 +358,7 @@ def run_batch(pipe: DuetPipeline, items: list[WorkItem], seed: int) -> list[Samp
     t0 = time.perf_counter()
     # `render_question`: a multiple-choice problem's options are part of what the models read.
     questions = [render_question(it.problem) for it in items]
-    results = method.definition.run(pipe, questions, method.budget, seed)
+    results = method.definition.run(pipe, questions, method.cap, seed)
     seconds = (time.perf_counter() - t0) / len(items)
     problems = [it.problem for it in items]
     answers = [r.answer for r in results]

@@ -93,7 +93,7 @@ class DuetPipeline:
         return [protocol.large_prompt(tok, q, instruction) for q in questions]
 
     def respond_params(self) -> SamplingParams:
-        """M alone: no stop at the end of thinking; its thinking budget plus the answer budget."""
+        """M alone: no stop at the end of thinking; its thinking cap plus the answer cap."""
         answer_tokens = self.small_sampling.max_new_tokens if self.small is not None else 0
         return replace(self.large_sampling, max_new_tokens=self.large_sampling.max_new_tokens + answer_tokens)
 
@@ -157,7 +157,7 @@ class DuetPipeline:
     # every method alike: `signal` is M's thinking, `answer` the text that is graded, `large_tokens`
     # every token M generated, `small_tokens` every token m generated.
     #
-    # Token budgets, the same for every method so that comparisons are fair: M may think for
+    # Token caps, the same for every method so that comparisons are fair: M may think for
     # `large_sampling.max_new_tokens` tokens, and the answer (m's, or M's own after its thinking) may
     # take `small_sampling.max_new_tokens` tokens.
     # ---------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class DuetPipeline:
     ) -> list[DuetResult]:
         """The paper's "original" baseline: M alone thinks, then writes its own answer in one go.
 
-        No stop at the end of thinking; M may generate thinking + answer budget tokens. The graded
+        No stop at the end of thinking; M may generate thinking cap + answer cap tokens. The graded
         `answer` is the text after `</think>`, or the whole response when M never closed the block.
         `instruction` replaces M's instruction (the prompt-based baseline appends the concise one).
         """
@@ -207,18 +207,18 @@ class DuetPipeline:
         """The prompt-based baseline: `original` with the paper's concise instruction appended."""
         return self.original(questions, self.large_instruction + protocol.CONCISE_INSTRUCTION, seed=seed)
 
-    def truncation(self, questions: list[str], budget: int, seed: int | None = None) -> list[DuetResult]:
-        """Budget forcing: M thinks for at most `budget` tokens; the thinking (cut at `budget` when M
+    def truncation(self, questions: list[str], cap: int, seed: int | None = None) -> list[DuetResult]:
+        """Budget forcing: M thinks for at most `cap` tokens; the thinking (cut at `cap` when M
         had not closed it) goes into a closed thinking block (`protocol.large_answer_prompt`), and M
         itself writes the answer. `large_tokens` = thinking tokens + answer tokens;
-        `signal.complete` says whether M closed its thinking within the budget."""
-        if budget < 1:
-            raise DuetError(f"truncation budget must be a positive number of tokens (got {budget})")
+        `signal.complete` says whether M closed its thinking within the cap."""
+        if cap < 1:
+            raise DuetError(f"truncation cap must be a positive number of tokens (got {cap})")
         _check_questions(questions)
         tok = _tokenizer(self.large)
         pipe = self.seeded(seed)
         t0 = time.perf_counter()
-        think_params = replace(pipe.large_params(), max_new_tokens=budget, n=1)
+        think_params = replace(pipe.large_params(), max_new_tokens=cap, n=1)
         prompts = self.think_prompts(questions)
         thoughts = [gs[0] for gs in self.large.generate(prompts, think_params)]
         signals = signals_of(thoughts)

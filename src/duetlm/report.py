@@ -32,7 +32,7 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
 PLOT_FILE = "pareto.png"
 
-# The order in which methods appear in tables (then truncation budgets ascending).
+# The order in which methods appear in tables (then truncation caps ascending).
 METHOD_ORDER = ("duet", "original", "truncation", "prompt", "small")
 
 

@@ -5,11 +5,11 @@ Phases (each timed; a progress bar on every long one):
     task        tokenizer, training / validation / test problems (`duetlm.lab.task`)
     warm start  supervised M and m (`duetlm.lab.warmstart`), cached by config hash: a second run loads
     baselines   on the test problems, greedy, through `duetlm.evaluate.run_eval`: m alone, the original
-                M, budget forcing at several budgets (M answers), the same cut thinking answered by m,
+                M, budget forcing at several caps (M answers), the same cut thinking answered by m,
                 and DUET with the warm-started pair
     train       DUET with the project's trainer (`DuetTrainer`, problems passed in)
     after       DUET with the trained pair; m alone after training; budget forcing of the *original* M
-                at DUET's mean M-token budget (M answers, and m answers)
+                capped at DUET's mean M tokens (M answers, and m answers)
     report      a table (accuracy, M tokens, m tokens, IPT, wall-clock), `results.json`, `pareto.png`,
                 `curves.png` (λ, M tokens, guided success, validation accuracy per step)
 
@@ -81,7 +81,7 @@ class DataSizes(Strict):
 
 
 class EvalSettings(Strict):
-    budgets: list[int] = Field([8, 16, 24, 32], description="budget-forcing budgets (M tokens)")
+    caps: list[int] = Field([8, 16, 24, 32], description="budget forcing's caps T on M's thinking (tokens)")
     max_signal_tokens: int = Field(96, ge=1, description="cap on M's thinking")
     max_answer_tokens: int = Field(8, ge=1, description="cap on an answer")
     batch_size: int = Field(100, ge=1, description="problems generated together")
@@ -159,7 +159,7 @@ def quick_config() -> DemoConfig:
     cfg.small = ModelRecipe(hidden_size=32, num_layers=2, num_heads=2)
     cfg.warm_large = SFTConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=3)
     cfg.warm_small = SFTConfig(steps=20, batch_size=16, lr=3e-3, warmup_steps=3)
-    cfg.eval = EvalSettings(budgets=[8], max_signal_tokens=64, max_answer_tokens=4, batch_size=24)
+    cfg.eval = EvalSettings(caps=[8], max_signal_tokens=64, max_answer_tokens=4, batch_size=24)
     rl = cfg.rl.model_copy(deep=True)
     rl.steps, rl.val_every = 2, 1
     rl.rollout = rl.rollout.model_copy(update={"batch_size": 4, "n": 2})
@@ -405,7 +405,7 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def plot_pareto(rows: list[Row], path: Path) -> None:
     """Accuracy against M tokens: DUET, the original M and m alone as labelled points, budget forcing
-    at every budget as two lines (M answers the cut thinking; m answers it), the Pareto front in grey."""
+    at every cap as two lines (M answers the cut thinking; m answers it), the Pareto front in grey."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless
@@ -476,10 +476,10 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def check_targets(rows: dict[str, Row], truncation_at_budget: str, wall_s: float) -> dict[str, Any]:
+def check_targets(rows: dict[str, Row], truncation_at_duet: str, wall_s: float) -> dict[str, Any]:
     """The issue's targets, each with the numbers it compares (targets as stated, not tuned)."""
     original, small, duet = rows["original"], rows["small"], rows["duet"]
-    trunc = rows[truncation_at_budget]
+    trunc = rows[truncation_at_duet]
     t0 = original.large_tokens
 
     def item(ok: bool, **numbers: float) -> dict[str, Any]:
@@ -495,7 +495,7 @@ def check_targets(rows: dict[str, Row], truncation_at_budget: str, wall_s: float
         "duet_accuracy_ge_original_minus_0.02": item(
             duet.accuracy >= original.accuracy - 0.02, duet=duet.accuracy, original=original.accuracy
         ),
-        "truncation_at_duet_budget_le_duet_minus_0.10": item(
+        "truncation_at_duet_tokens_le_duet_minus_0.10": item(
             trunc.accuracy <= duet.accuracy - 0.10, truncation=trunc.accuracy, duet=duet.accuracy
         ),
     }
@@ -559,23 +559,21 @@ def _engines_for(cfg: DemoConfig, ws: WarmStart) -> tuple[Any, Any]:
     return engine(ws.large_dir), engine(ws.small_dir)
 
 
-def _cut_small(
-    ev: Path, cfg: DemoConfig, large: Any, small: Any, test: list[Problem], budget: int
-) -> list[Row]:
-    """M's thinking cut at `budget` tokens and handed to m: DUET's pipeline with M capped at `budget`."""
-    rename = {"duet": f"truncation-small:{budget}"}
-    return evaluate(ev / f"cut-small-{budget}", cfg, large, small, test, ["duet"], budget, rename=rename)
+def _cut_small(ev: Path, cfg: DemoConfig, large: Any, small: Any, test: list[Problem], cap: int) -> list[Row]:
+    """M's thinking cut at `cap` tokens and handed to m: DUET's pipeline with M capped at `cap`."""
+    rename = {"duet": f"truncation-small:{cap}"}
+    return evaluate(ev / f"cut-small-{cap}", cfg, large, small, test, ["duet"], cap, rename=rename)
 
 
 def run_baselines(cfg: DemoConfig, data: LabData, large0: Any, small0: Any, ev: Path) -> list[Row]:
-    """m alone, the original M, DUET with the warm-started pair, budget forcing at every budget."""
-    budgets = sorted(set(cfg.eval.budgets))
-    methods = ["small", "original", "duet"] + [f"truncation:{b}" for b in budgets]
+    """m alone, the original M, DUET with the warm-started pair, budget forcing at every cap."""
+    caps = sorted(set(cfg.eval.caps))
+    methods = ["small", "original", "duet"] + [f"truncation:{t}" for t in caps]
     rows = evaluate(
         ev / "warm", cfg, large0, small0, data.test, methods, rename={"duet": "duet (warm start)"}
     )
-    for b in budgets:
-        rows += _cut_small(ev, cfg, large0, small0, data.test, b)
+    for t in caps:
+        rows += _cut_small(ev, cfg, large0, small0, data.test, t)
     return rows
 
 
@@ -585,9 +583,9 @@ def train_duet(cfg: DemoConfig, ws: WarmStart, data: LabData, run_dir: Path) -> 
 
     trainer = DuetTrainer(train_config(cfg, ws, run_dir), train_problems=data.train, val_problems=data.val)
     trained = trainer.train()
-    if trained.stopped_by_signal is not None:
+    if trained.stop_signum is not None:
         raise DuetError(
-            f"training stopped by signal {trained.stopped_by_signal} at step {trained.step}; "
+            f"training stopped by signal {trained.stop_signum} at step {trained.step}; "
             f"its checkpoint is {trained.checkpoint}"
         )
     for policy in trainer.policies.values():
@@ -599,20 +597,20 @@ def train_duet(cfg: DemoConfig, ws: WarmStart, data: LabData, run_dir: Path) -> 
 def run_after(
     cfg: DemoConfig, data: LabData, trainer: Any, large0: Any, small0: Any, ev: Path, done: set[str]
 ) -> tuple[list[Row], int]:
-    """DUET and m alone with the trained pair; budget forcing of the *original* M at DUET's mean
-    M-token budget (rounded to a whole token), M answering and m answering. Returns (rows, budget)."""
+    """DUET and m alone with the trained pair; budget forcing of the *original* M capped at DUET's
+    mean M tokens (rounded to a whole token), M answering and m answering. Returns (rows, that cap)."""
     large1, small1 = trainer.policies["large"].engine, trainer.policies["small"].engine
     methods = ["duet", "small"]
     rename = {"small": "small (trained m)"}
     rows = evaluate(ev / "trained", cfg, large1, small1, data.test, methods, rename=rename, models="trained")
     duet = next(r for r in rows if r.method == "duet")
-    b_star = max(1, round(duet.large_tokens))
-    if f"truncation:{b_star}" not in done:
-        method = [f"truncation:{b_star}"]
-        rows += evaluate(ev / f"truncation-{b_star}", cfg, large0, small0, data.test, method)
-    if f"truncation-small:{b_star}" not in done:
-        rows += _cut_small(ev, cfg, large0, small0, data.test, b_star)
-    return rows, b_star
+    duet_cap = max(1, round(duet.large_tokens))
+    if f"truncation:{duet_cap}" not in done:
+        method = [f"truncation:{duet_cap}"]
+        rows += evaluate(ev / f"truncation-{duet_cap}", cfg, large0, small0, data.test, method)
+    if f"truncation-small:{duet_cap}" not in done:
+        rows += _cut_small(ev, cfg, large0, small0, data.test, duet_cap)
+    return rows, duet_cap
 
 
 METHOD_ORDER = ["duet", "original", "duet (warm start)", "small", "small (trained m)"]
@@ -660,7 +658,7 @@ def run_demo(
     say(f"training DUET for {cfg.rl.steps} steps with the project's trainer")
     trainer = timer.run("train", lambda: train_duet(cfg, ws, data, out / "train"))
     done = {r.method for r in rows}
-    after, b_star = timer.run(
+    after, duet_cap = timer.run(
         "after", lambda: run_after(cfg, data, trainer, large0, small0, out / "eval", done)
     )
     rows = sorted(rows + after, key=_order)
@@ -676,8 +674,8 @@ def run_demo(
         "config": cfg.model_dump(mode="json"),
         "methods": {r.method: r.to_json() for r in rows},
         "T0": by_name["original"].large_tokens,
-        "duet_budget": b_star,
-        "targets": check_targets(by_name, f"truncation:{b_star}", wall),
+        "duet_cap": duet_cap,
+        "targets": check_targets(by_name, f"truncation:{duet_cap}", wall),
         "warm_start": {
             role: {"cached": ws.cached[role], "dir": str(d), **ws.info[role]}
             for role, d in (("large", ws.large_dir), ("small", ws.small_dir))

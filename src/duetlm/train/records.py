@@ -149,5 +149,5 @@ class TrainResult:
     run_dir: Path
     step: int
     checkpoint: Path | None
-    stopped_by_signal: int | None = None
+    stop_signum: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run early, if any
     last_metrics: dict[str, float] = field(default_factory=dict)
