@@ -39,3 +39,12 @@ def test_bad_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(Run, tmp_path / "absent.yaml")
     assert parse_overrides(["a.b=[1, 2]", "a.c=null", "d=true"]) == {"a": {"b": [1, 2], "c": None}, "d": True}
+
+
+def test_constant_lambda_schedule_needs_a_nonzero_lambda():
+    # −LPS is a constant nonzero λ; λ ≡ 0 would silently drop the length penalty altogether.
+    from duetlm.config import ObjectiveConfig
+
+    with pytest.raises(ValueError, match="lambda_init > 0"):
+        ObjectiveConfig(lambda_schedule="constant")
+    assert ObjectiveConfig(lambda_schedule="constant", lambda_init=0.1).lambda_init == 0.1

@@ -269,43 +269,105 @@ def data_stats(
         typer.echo(f"  {kind}: {count}")
 
 
+_TaskOpt = Annotated[
+    str, typer.Option("--task", help="lab task family: chain (6 steps) or mix (lengths 2..6)")
+]
+_SeedOpt = Annotated[
+    int | None, typer.Option(help="seed of training problems, warm start and RL (default: config's, 0)")
+]
+_DemoConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="YAML demo config (a run's demo-config.yaml is a full example)"),
+]
+_DemoSetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override a config key: --set rl.steps=40 (repeatable)")
+]
+_CacheOpt = Annotated[
+    str | None, typer.Option(help="warm-start cache (default $DUETLM_CACHE or ~/.cache/duetlm)")
+]
+_QuickOpt = Annotated[bool, typer.Option("--quick", help="toy sizes: every phase in about a minute")]
+
+
+def _demo_config(task: str, quick: bool, config: str | None, overrides: list[str]) -> Any:
+    """The task family's defaults (toy sizes with `quick`), then the config file, then the overrides."""
+    from duetlm.config import build_config, deep_merge, load_config, parse_overrides
+    from duetlm.lab.demo import DemoConfig, quick_config, task_config
+
+    base = (quick_config(task) if quick else task_config(task)).model_dump()
+    if config:
+        base = deep_merge(base, load_config(DemoConfig, config).model_dump(exclude_defaults=True))
+    return build_config(
+        DemoConfig, deep_merge(base, parse_overrides(overrides)), f"--task {task} + overrides"
+    )
+
+
+def _cache(cache_dir: str | None) -> Any:
+    from pathlib import Path
+
+    from duetlm.models import cache_dir as default_cache
+
+    return Path(cache_dir) if cache_dir else default_cache()
+
+
 @app.command()
 @user_errors
 def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="toy sizes: every phase in about a minute")] = False,
-    seed: Annotated[
-        int | None, typer.Option(help="seed of training problems, warm start and RL (default: config's, 0)")
-    ] = None,
+    quick: _QuickOpt = False,
+    seed: _SeedOpt = None,
     output: Annotated[str | None, typer.Option(help="run directory (default runs/demo-seed<SEED>)")] = None,
-    config: Annotated[
-        str | None,
-        typer.Option("--config", "-c", help="YAML demo config (a run's demo-config.yaml is a full example)"),
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a config key: --set rl.steps=40 (repeatable)")
-    ] = None,
-    cache_dir: Annotated[
-        str | None, typer.Option(help="warm-start cache (default $DUETLM_CACHE or ~/.cache/duetlm)")
-    ] = None,
+    config: _DemoConfigOpt = None,
+    set_: _DemoSetOpt = None,
+    cache_dir: _CacheOpt = None,
+    task: _TaskOpt = "chain",
 ) -> None:
     """The whole DUET method on a CPU: lab task, warm start (cached), baselines, DUET training, table."""
     from pathlib import Path
 
-    from duetlm.config import build_config, deep_merge, load_config, parse_overrides
-    from duetlm.lab.demo import DemoConfig, quick_config, run_demo
-    from duetlm.models import cache_dir as default_cache
+    from duetlm.lab.demo import run_demo
 
     overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
-    if quick:  # the toy sizes, then the config file and the overrides on top
-        base = quick_config().model_dump()
-        if config:
-            base = deep_merge(base, load_config(DemoConfig, config).model_dump(exclude_defaults=True))
-        cfg = build_config(DemoConfig, deep_merge(base, parse_overrides(overrides)), "--quick + overrides")
-    else:
-        cfg = load_config(DemoConfig, config, overrides)
-    out = Path(output or f"runs/demo{'-quick' if quick else ''}-seed{cfg.seed}")
+    cfg = _demo_config(task, quick, config, overrides)
+    name = "demo" + ("" if task == "chain" else f"-{task}") + ("-quick" if quick else "")
+    out = Path(output or f"runs/{name}-seed{cfg.seed}")
     command = " ".join(["duetlm", *sys.argv[1:]])
-    run_demo(cfg, out, Path(cache_dir) if cache_dir else default_cache(), command=command)
+    run_demo(cfg, out, _cache(cache_dir), command=command)
+
+
+lab_app = typer.Typer(
+    help="The lab: procedural tasks where DUET's claims can be measured on a CPU.", no_args_is_help=True
+)
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.command("properties")
+@user_errors
+def lab_properties(
+    task: _TaskOpt = "mix",
+    quick: _QuickOpt = False,
+    seed: _SeedOpt = None,
+    output: Annotated[
+        str | None, typer.Option(help="folder for properties.json (default runs/lab-<TASK>)")
+    ] = None,
+    config: _DemoConfigOpt = None,
+    set_: _DemoSetOpt = None,
+    cache_dir: _CacheOpt = None,
+) -> None:
+    """Measure a task family on the warm-started pair, per chain length: m alone (reasoning within its
+    cap), m given the minimal sufficient signal, m given the whole trace, the original M."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from duetlm.lab.properties import measure, render, write
+
+    overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
+    cfg = _demo_config(task, quick, config, overrides)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    rows, info = measure(cfg, _cache(cache_dir), console.print)
+    console.print(render(rows, cfg.task.spec()))
+    out = Path(output or f"runs/lab-{task}{'-quick' if quick else ''}-seed{cfg.seed}")
+    path = write(out, rows, info, command=" ".join(["duetlm", *sys.argv[1:]]))
+    console.print(f"written {path}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

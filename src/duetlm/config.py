@@ -308,7 +308,7 @@ class ObjectiveConfig(Strict):
     lambda_step_size: float = Field(0.01, ge=0.0, description="η of the dual ascent")
     lambda_max: float | None = Field(1.0, ge=0.0, description="λ_max (null: no upper clip)")
     lambda_schedule: Annotated[str, one_of(LAMBDA_SCHEDULES, "lambda_schedule")] = Field(
-        "adaptive", description="adaptive (dual ascent) | constant (−LPS ablation)"
+        "adaptive", description="adaptive (dual ascent) | constant (−LPS ablation: λ held at lambda_init > 0)"
     )
     thinkprune_start: int = Field(8000, ge=1, description="ThinkPrune: first length limit (tokens)")
     thinkprune_step: int = Field(1000, ge=0, description="ThinkPrune: limit decrease per stage")
@@ -321,6 +321,13 @@ class ObjectiveConfig(Strict):
             raise ValueError(
                 f"objective.lambda_init={self.lambda_init} exceeds lambda_max={self.lambda_max}; "
                 "lower lambda_init or raise lambda_max"
+            )
+        if self.lambda_schedule == "constant" and self.lambda_init == 0:
+            # λ ≡ 0 is no length penalty at all, not the paper's −LPS (a constant nonzero coefficient).
+            raise ValueError(
+                "objective.lambda_schedule=constant holds λ at lambda_init=0: no length penalty at all, "
+                "not the −LPS ablation; set objective.lambda_init > 0 (e.g. the mean `lambda` of the "
+                "adaptive run's metrics.jsonl), or keep the adaptive schedule with lambda_step_size=0 for λ ≡ 0"
             )
         if self.thinkprune_floor > self.thinkprune_start:
             raise ValueError(

@@ -4,7 +4,7 @@ project's own: the lab only supplies the task, the tokenizer and the warm start.
 
 `load_problems(task, split, limit)` is the trainer's `data.source: lab:<task>` hook. Task names:
 `chain` (6 steps) or `chain<N>` (N steps), optionally suffixed `-merged` / `-split` (the writing style,
-see `duetlm.lab.task`). Splits: `train` (10,000 problems unless `limit`), `validation` (200), `test`
+see `duetlm.lab.task`); `mix` (mixed difficulty, chain lengths 2..6, m's answer cap 10 tokens). Splits: `train` (10,000 problems unless `limit`), `validation` (200), `test`
 (500); the three never share a question.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from duetlm.errors import DataError
-from duetlm.lab.task import TaskSpec, chains, problems
+from duetlm.lab.task import MIX_TASK, TaskSpec, chains, problems
 from duetlm.problems import Problem
 
 __all__ = ["SPLIT_SEEDS", "load_problems", "task_spec"]
@@ -25,10 +25,12 @@ _TASK = re.compile(r"^chain(\d+)?(?:-(merged|split))?$")
 
 
 def task_spec(name: str) -> TaskSpec:
-    """`chain`, `chain8`, `chain6-merged`, ... -> TaskSpec."""
+    """`chain`, `chain8`, `chain6-merged`, `mix`, ... -> TaskSpec."""
+    if name == "mix":
+        return TaskSpec(**MIX_TASK)  # type: ignore[arg-type]
     m = _TASK.match(name)
     if m is None:
-        raise DataError(f"unknown lab task {name!r}; use chain, chain<N> or chain<N>-merged|-split")
+        raise DataError(f"unknown lab task {name!r}; use chain, chain<N>, chain<N>-merged|-split or mix")
     kwargs: dict[str, object] = {}
     if m.group(1):
         kwargs["steps"] = int(m.group(1))

@@ -44,7 +44,7 @@ from duetlm.config import (
 from duetlm.errors import DuetError
 from duetlm.lab import SPLIT_SEEDS
 from duetlm.lab.recipes import ModelRecipe
-from duetlm.lab.task import TaskSpec, chains
+from duetlm.lab.task import MIX_TASK, TaskSpec, chains
 from duetlm.lab.warmstart import SFTConfig
 from duetlm.models import resolve_autocast
 from duetlm.problems import Problem
@@ -66,6 +66,13 @@ class TaskConfig(Strict):
     p_hesitate: float = Field(0.6, ge=0, lt=1, description="P(hesitate before a step)")
     p_more: float = Field(0.35, ge=0, lt=1, description="P(one more hesitation word)")
     p_terse: float = Field(0.25, ge=0, lt=1, description="share of terse warm-start traces")
+    min_steps: int | None = Field(
+        None, ge=1, description="mixed difficulty: chain lengths min_steps..steps (None: all `steps` long)"
+    )
+    small_cap: int | None = Field(
+        None, ge=1, description="m's answer cap (tokens), the budget m reasons itself within (None: classic)"
+    )
+    p_stop: float = Field(0.0, ge=0, lt=1, description="share of M's warm-start traces that stop early")
 
     def spec(self) -> TaskSpec:
         try:
@@ -151,15 +158,35 @@ class DemoConfig(Strict):
     rl: RLSettings = Field(default_factory=RLSettings)
 
 
-def quick_config() -> DemoConfig:
-    """`--quick`: the same phases at toy sizes (CI checks structure, not targets)."""
+TASKS = ("chain", "mix")
+
+
+def task_config(task: str = "chain") -> DemoConfig:
+    """The demo's defaults for a task family: `chain` (today's: 6 steps, m finishes one) or `mix` (chain
+    lengths 2..6, m reasons itself within a 10-token answer cap, M's traces sometimes stop early;
+    `duetlm.lab.task`)."""
+    if task not in TASKS:
+        raise DuetError(f"unknown lab task family {task!r}; valid: {', '.join(TASKS)}")
     cfg = DemoConfig()
+    if task == "mix":
+        cfg.task = TaskConfig(**MIX_TASK)
+        cap = cfg.task.small_cap
+        cfg.eval = cfg.eval.model_copy(update={"max_answer_tokens": cap})
+        cfg.rl.rollout.small = cfg.rl.rollout.small.model_copy(update={"max_new_tokens": cap})
+    return cfg
+
+
+def quick_config(task: str = "chain") -> DemoConfig:
+    """`--quick`: the same phases at toy sizes (CI checks structure, not targets)."""
+    cfg = task_config(task)
     cfg.data = DataSizes(train=64, val=8, test=24)
     cfg.large = ModelRecipe(hidden_size=64, num_layers=2, num_heads=2)
     cfg.small = ModelRecipe(hidden_size=32, num_layers=2, num_heads=2)
     cfg.warm_large = SFTConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=3)
     cfg.warm_small = SFTConfig(steps=20, batch_size=16, lr=3e-3, warmup_steps=3)
-    cfg.eval = EvalSettings(caps=[8], max_signal_tokens=64, max_answer_tokens=4, batch_size=24)
+    cfg.eval = cfg.eval.model_copy(update={"caps": [8], "max_signal_tokens": 64, "batch_size": 24})
+    if task == "chain":
+        cfg.eval.max_answer_tokens = 4
     rl = cfg.rl.model_copy(deep=True)
     rl.steps, rl.val_every = 2, 1
     rl.rollout = rl.rollout.model_copy(update={"batch_size": 4, "n": 2})
@@ -203,7 +230,7 @@ def warm_start_key(cfg: DemoConfig, role: str) -> str:
         "version": LAB_VERSION,
         "role": role,
         "seed": cfg.seed,
-        "task": cfg.task.model_dump(),
+        "task": _task_key(cfg.task),
         "data": {"val": cfg.data.val, "test": cfg.data.test},  # the held-out questions it never sees
         "model": getattr(cfg, role).model_dump(),
         "sft": getattr(cfg, f"warm_{role}").model_dump(),
@@ -211,6 +238,13 @@ def warm_start_key(cfg: DemoConfig, role: str) -> str:
         "bf16": resolve_autocast(getattr(cfg, f"warm_{role}").bf16, "cpu"),
     }
     return f"{role}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _task_key(task: TaskConfig) -> dict[str, Any]:
+    """The task's fields for the cache key; the `mix` fields only where set, so the classic task's
+    cached warm starts keep their keys."""
+    mixed = {"min_steps": None, "small_cap": None, "p_stop": 0.0}
+    return {k: v for k, v in task.model_dump().items() if k not in mixed or v != mixed[k]}
 
 
 @dataclass
@@ -547,7 +581,7 @@ def prepare_output(out: Path) -> None:
     out.mkdir(parents=True)
 
 
-def _engines_for(cfg: DemoConfig, ws: WarmStart) -> tuple[Any, Any]:
+def engines_for(cfg: DemoConfig, ws: WarmStart) -> tuple[Any, Any]:
     """HF engines over the warm-started M and m (the baselines' models, kept for budget forcing)."""
     from duetlm.engines.hf import HFEngine
     from duetlm.models import load_model
@@ -652,7 +686,7 @@ def run_demo(
     example = data.test[0]
     say(f"task: {cfg.task.steps} steps mod {cfg.task.modulus}; e.g. {example.question!r} -> {example.answer}")
     ws = timer.run("warm_start", lambda: warm_start(cfg, data, cache_root, say))
-    large0, small0 = _engines_for(cfg, ws)
+    large0, small0 = engines_for(cfg, ws)
     say("baselines: m alone, original M, budget forcing, DUET with the warm-started pair")
     rows = timer.run("baselines", lambda: run_baselines(cfg, data, large0, small0, out / "eval"))
     say(f"training DUET for {cfg.rl.steps} steps with the project's trainer")

@@ -23,6 +23,18 @@ Why it has the properties DUET needs (measured figures in the README's demo sect
   not a count of operators (the count is what kept a prototype's warm start near chance for minutes).
 - Difficulty is `steps` (and `modulus`).
 
+The second family, `mix` (`TaskSpec.min_steps`, `small_cap`, `p_stop`), is where DUET's own claims can
+show or fail (`lab/properties.py` measures what follows):
+- mixed difficulty: each problem's chain length k is drawn uniformly from `min_steps..steps`;
+- m's limit is a budget asymmetry, like the paper's (m's 2,048-token answer cap against M's 16,384 of
+  thinking): m may write `small_cap` tokens, room for `small_steps(spec)` steps of its own reasoning in
+  the lab's step format before its `\boxed{}`. m is taught to reason itself as far as that cap allows
+  (`warmstart.small_target_capped`), so m alone solves the short chains and guesses on the long ones,
+  and the shortest sufficient signal (`minimal_signal`) stops `small_steps` steps before the end:
+  empty where m can do the whole problem alone;
+- M's warm-start traces are verbose on every problem, the short ones included, and a share `p_stop`
+  of them stops after a random earlier step (then guesses), so RL has shorter stops to find.
+
 All words are whitespace-separated, so the word-level tokenizer (`duetlm.models.train_tokenizer(kind=
 "word")`) gives one token per word.
 """
@@ -42,6 +54,9 @@ STYLES = ("merged", "split")
 # Filler words of the verbose traces, listed once: the tokenizer's vocabulary must hold every word.
 FILLER_WORDS = ("start", "at", "so", "check", "hmm", "wait", "ok")
 HESITATIONS = ("hmm", "wait", "ok")
+# The `mix` family (module docstring): chain lengths 2..6; m's 10-token answer cap holds 3 of its own
+# steps (3 words each) and the box, so m alone solves k <= 3 (2 of the 5 lengths) and guesses above.
+MIX_TASK = {"steps": 6, "min_steps": 2, "small_cap": 10, "p_stop": 0.2}
 _NUMBER = re.compile(r"^\d+$")
 
 
@@ -53,6 +68,11 @@ class TaskSpec:
     `hmm`/`wait`/`ok`, before a step). `p_terse`: the share of traces written tersely, each filler
     probability drawn uniformly below its default (reasoning models are sometimes brief too; without
     such traces M's arithmetic faltered once RL had stripped the filler it always saw).
+
+    Mixed difficulty (the `mix` family, module docstring): `min_steps` (chain lengths `min_steps..steps`),
+    `small_cap` (m's answer cap in tokens, the budget that limits m's own reasoning; None: the classic
+    rule, m taught to finish the last step only), `p_stop` (share of M's warm-start traces that stop after
+    a random earlier step).
 
     Greedy decoding follows every choice made with probability above 1/2, so the defaults make the
     warm-started M's greedy trace about the longest one (`hmm S_i op v so v check S_i v` per step),
@@ -67,10 +87,19 @@ class TaskSpec:
     p_hesitate: float = 0.6
     p_more: float = 0.35
     p_terse: float = 0.25
+    min_steps: int | None = None
+    small_cap: int | None = None
+    p_stop: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 2:
+        if self.min_steps is None and self.steps < 2:
             raise ValueError(f"steps must be >= 2 (m finishes the last one), got {self.steps}")
+        if self.min_steps is not None and not 1 <= self.min_steps <= self.steps:
+            raise ValueError(f"min_steps must be in [1, steps={self.steps}], got {self.min_steps}")
+        if self.small_cap is not None and self.small_cap < 1:
+            raise ValueError(f"small_cap (m's answer cap, tokens) must be >= 1, got {self.small_cap}")
+        if not 0.0 <= self.p_stop < 1.0:
+            raise ValueError(f"p_stop must be in [0, 1), got {self.p_stop}")
         if not 3 <= self.modulus <= 100:
             raise ValueError(f"modulus must be in [3, 100], got {self.modulus}")
         if self.style not in STYLES:
@@ -79,6 +108,16 @@ class TaskSpec:
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+    @property
+    def lengths(self) -> range:
+        """The chain lengths k of the family (one length unless `min_steps` mixes them)."""
+        return range(self.steps if self.min_steps is None else self.min_steps, self.steps + 1)
+
+    @property
+    def words_per_step(self) -> int:
+        """Necessary words of one step: name and value (merged), name, operand and value (split)."""
+        return 2 if self.style == "merged" else 3
 
     def operand_digits(self, op: str) -> range:
         # No identity steps (+0, -0, *1) and no *0, which would erase the chain: every step matters.
@@ -174,9 +213,28 @@ def parse_question(question: str, modulus: int = 10) -> Chain:
     return Chain(int(words[0]), tuple(ops), modulus, style)
 
 
+def small_steps(spec: TaskSpec) -> int:
+    """How many steps m can write itself within its answer cap (`small_cap` tokens, one of them the
+    `\\boxed{}`), in the lab's step format; 0 without a cap."""
+    if spec.small_cap is None:
+        return 0
+    return max(0, spec.small_cap - 1) // spec.words_per_step
+
+
+def minimal_signal(chain: Chain, spec: TaskSpec) -> str:
+    """The shortest sufficient signal for `chain` (the lab's physical limit): M's necessary trace
+    through the step from which m, writing its own steps within `spec.small_cap`, reaches the answer.
+    Empty where m can solve the whole chain alone. Without a cap: every step but the last (m finishes
+    one step, the classic task's division of labour)."""
+    mine = small_steps(spec) if spec.small_cap is not None else 1
+    return chain.necessary_trace(max(0, chain.steps - mine))
+
+
 def sample_chain(rng: random.Random, spec: TaskSpec) -> Chain:
     ops = []
-    for _ in range(spec.steps):
+    # A mixed family draws k first; the classic one draws nothing here (its problems stay as they were).
+    k = spec.steps if spec.min_steps is None else rng.randint(spec.min_steps, spec.steps)
+    for _ in range(k):
         op = rng.choice(OPS)
         ops.append((op, rng.choice(spec.operand_digits(op))))
     return Chain(rng.randrange(spec.modulus), tuple(ops), spec.modulus, spec.style)
@@ -185,7 +243,7 @@ def sample_chain(rng: random.Random, spec: TaskSpec) -> Chain:
 def chains(spec: TaskSpec, count: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Chain]:
     """`count` distinct problems, reproducible from `seed`, none whose question is in `exclude` (so a
     held-out set never overlaps training)."""
-    space = spec.modulus * len(spec.operands()) ** spec.steps
+    space = sum(spec.modulus * len(spec.operands()) ** k for k in spec.lengths)
     if count > space // 2:
         raise ValueError(f"asked for {count} distinct problems from a family of {space}")
     rng = random.Random(seed)
@@ -227,6 +285,14 @@ def verbose_blocks(rng: random.Random, chain: Chain, spec: TaskSpec) -> list[lis
             words += ["check", f"S{i}", str(v)]
         blocks.append(words)
     return blocks
+
+
+def stop_early(rng: random.Random, blocks: list[list[str]], spec: TaskSpec) -> list[list[str]]:
+    """With probability `p_stop`, M's warm-start thinking stops after a random earlier step (0 to k-1
+    steps kept, with their filler): the shorter stops RL may find. `blocks` unchanged otherwise."""
+    if spec.p_stop <= 0.0 or rng.random() >= spec.p_stop:
+        return blocks
+    return blocks[: 1 + rng.randrange(len(blocks) - 1)]
 
 
 def trace_style(rng: random.Random, spec: TaskSpec) -> TaskSpec:

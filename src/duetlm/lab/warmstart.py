@@ -27,7 +27,15 @@ from pydantic import Field
 
 from duetlm import protocol
 from duetlm.config import Strict
-from duetlm.lab.task import Chain, TaskSpec, answer_text, sample_chain, trace_style, verbose_blocks
+from duetlm.lab.task import (
+    Chain,
+    TaskSpec,
+    answer_text,
+    sample_chain,
+    stop_early,
+    trace_style,
+    verbose_blocks,
+)
 from duetlm.models import resolve_autocast
 
 Example = tuple[str, str]  # (prompt, completion): loss on the completion only
@@ -55,7 +63,9 @@ def large_completion(trace: str, value: int) -> str:
 
 
 def large_example(tok: Any, rng: random.Random, chain: Chain, spec: TaskSpec) -> Example:
-    trace = " ".join(w for b in verbose_blocks(rng, chain, trace_style(rng, spec)) for w in b)
+    """M's example: verbose thinking (sometimes stopped early, `TaskSpec.p_stop`), then the answer."""
+    blocks = stop_early(rng, verbose_blocks(rng, chain, trace_style(rng, spec)), spec)
+    trace = " ".join(w for b in blocks for w in b)
     return protocol.large_prompt(tok, chain.question()), large_completion(trace, chain.answer)
 
 
@@ -108,13 +118,69 @@ def small_target(
     return signal, answer
 
 
+def _loose(rng: random.Random, spec: TaskSpec) -> TaskSpec:
+    """The verbosity of a signal m may receive: concise (30%), or each filler probability uniform in
+    [0, 0.9) (what M hands m before, during and after RL)."""
+    if rng.random() < 0.3:
+        return replace(spec, p_open=0.0, p_restate=0.0, p_check=0.0, p_hesitate=0.0)
+    return replace(
+        spec,
+        p_open=rng.random() * 0.9,
+        p_restate=rng.random() * 0.9,
+        p_check=rng.random() * 0.9,
+        p_hesitate=rng.random() * 0.9,
+    )
+
+
+def missing_words(blocks: list[list[str]], chain: Chain, keep: int) -> list[str]:
+    """The necessary words (`Chain.step_words`) that the first `keep` words of the trace `blocks`
+    (`verbose_blocks`) do not yet hold: the rest of the step the cut falls in, then every later step."""
+    offset = len(blocks[0])
+    for i in range(1, chain.steps + 1):
+        start = offset + blocks[i].index(f"S{i}")  # hesitations come first; they never name a step
+        if keep < start + len(chain.step_words(i)):
+            rest = chain.step_words(i)[max(0, keep - start) :]
+            return rest + [w for j in range(i + 1, chain.steps + 1) for w in chain.step_words(j)]
+        offset += len(blocks[i])
+    return []
+
+
+def small_target_capped(
+    rng: random.Random, chain: Chain, spec: TaskSpec, p_none: float = 0.2
+) -> tuple[str | None, str]:
+    """(signal, m's answer) for the `mix` family, where m's answer cap `spec.small_cap` limits m: m's
+    best shot within it. The signal is none, a complete trace, a trace stopped after a random step, or
+    one cut at a random word (random verbosity). m's answer: the necessary words the signal lacks, then
+    `\\boxed{v}`, when they fit within the cap; otherwise `\\boxed{v}` at once (m's best guess, since
+    it cannot write the chain out)."""
+    assert spec.small_cap is not None
+    answer = answer_text(chain.answer)
+    if rng.random() < p_none:
+        signal, missing = None, chain.necessary_trace().split()
+    else:
+        blocks = verbose_blocks(rng, chain, _loose(rng, spec))
+        words = [w for b in blocks for w in b]
+        r = rng.random()
+        if r < 0.3:
+            keep = len(words)
+        elif r < 0.8:  # stopped after step j (0..k-1), its filler included
+            keep = sum(len(b) for b in blocks[: 1 + rng.randrange(chain.steps)])
+        else:
+            keep = rng.randrange(len(words) + 1)
+        signal, missing = " ".join(words[:keep]), missing_words(blocks, chain, keep)
+    if missing and len(missing) + 1 <= spec.small_cap:
+        return signal, " ".join([*missing, answer])
+    return signal, answer
+
+
 def small_example(
     tok: Any, rng: random.Random, chain: Chain, spec: TaskSpec, signal_loss: bool = True
 ) -> Example:
     """m's example. `signal_loss`: the loss also covers the signal's words, so m learns each step's
     arithmetic from the whole trace rather than from one answer token (denser supervision: without it
     a 1M-parameter m stayed at chance after 400 steps, with it it copies complete signals after 250)."""
-    signal, target = small_target(rng, chain, spec)
+    target_of = small_target if spec.small_cap is None else small_target_capped
+    signal, target = target_of(rng, chain, spec)
     prompt = protocol.small_prompt(tok, chain.question(), signal)
     if not signal_loss:
         return prompt, target
