@@ -370,6 +370,46 @@ def lab_properties(
     console.print(f"written {path}")
 
 
+@lab_app.command("tables")
+@user_errors
+def lab_tables(
+    task: _TaskOpt = "mix",
+    seeds: Annotated[
+        str, typer.Option(help="comma-separated seeds; each cell is mean ± std over them")
+    ] = "0,1,2",
+    variants: Annotated[
+        str | None, typer.Option(help="comma-separated trained variants (default: all; see lab/grid.py)")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="RL steps per trained variant")] = 40,
+    jobs: Annotated[int, typer.Option(min=1, help="worker processes (each one torch thread)")] = 2,
+    quick: _QuickOpt = False,
+    output: Annotated[
+        str | None, typer.Option(help="tables, plots, results.json (default runs/lab-tables-<TASK>)")
+    ] = None,
+    work: Annotated[
+        str | None,
+        typer.Option(help="cached runs: a rerun redoes only what is missing (default <OUTPUT>/work)"),
+    ] = None,
+    config: _DemoConfigOpt = None,
+    set_: _DemoSetOpt = None,
+    cache_dir: _CacheOpt = None,
+) -> None:
+    """Table 1 and the ablations on a lab task over seeds (cached, parallel, resumable)."""
+    from pathlib import Path
+
+    from duetlm.lab.grid import GridSpec, parse_seeds, parse_variants
+    from duetlm.lab.tables import lab_tables as run_tables
+
+    seed_list, chosen = parse_seeds(seeds), parse_variants(variants)
+    cfg = _demo_config(task, quick, config, list(set_ or []))
+    spec_cfg = cfg.model_dump(mode="json", exclude={"seed"})
+    spec = GridSpec(task=task, steps=steps, quick=quick, config=spec_cfg, cache=str(_cache(cache_dir)))
+    out = Path(output or f"runs/lab-tables-{task}{'-quick' if quick else ''}")
+    command = " ".join(["duetlm", *sys.argv[1:]])
+    run_tables(spec, seed_list, chosen, jobs, Path(work) if work else out / "work", out, command)
+    typer.echo((out / "tables.md").read_text())
+
+
 def main() -> None:  # pragma: no cover - console entry point alternative
     app()
 

@@ -426,6 +426,7 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     rows = read_jsonl(run_dir / METRICS_FILE)
     curves: dict[str, list[tuple[int, float]]] = {key: [] for key, _ in CURVES}
     curves["val/large_tokens"] = []
+    curves["success/unguided"] = []
     for row in rows:
         for key in curves:
             if key in row:
