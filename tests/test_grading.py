@@ -426,11 +426,11 @@ def test_every_benchmark_gold_answer_matches_itself_and_not_another() -> None:
     compared = 0
     for i, gold in enumerate(golds):
         assert grade(f"The final answer is $\\boxed{{{gold}}}$.", math_problem(gold)) == 1.0, gold
-        if grading._as_integer(gold) is None:  # integers never reach sympy (integer fast path)
+        if grading.as_integer(gold) is None:  # integers never reach sympy (integer fast path)
             # Past the exact-string fast path: math-verify itself must accept the gold answer.
-            assert grading._verify_in_process(gold, gold, 5.0), gold
+            assert grading.verify_in_process(gold, gold, 5.0), gold
         other = golds[(i + 7) % len(golds)]
-        if grading._canonical(other) != grading._canonical(gold):
+        if grading.canonical(other) != grading.canonical(gold):
             compared += 1
             assert grade(f"\\boxed{{{other}}}", math_problem(gold)) == 0.0, (gold, other)
     assert compared > 550

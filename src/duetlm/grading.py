@@ -211,7 +211,7 @@ _PERCENT = re.compile(r"\s*\\?%\s*$")
 _SPACING = re.compile(r"\\left|\\right|\\[!,;: ]|\\displaystyle|\s+")
 
 
-def _canonical(s: str) -> str:
+def canonical(s: str) -> str:
     """A conservative spelling normaliser for the exact-match fast path (it never merges values)."""
     s = strip_math_delimiters(s)
     s = _SPACING.sub("", s)
@@ -359,7 +359,7 @@ def _alarm(seconds: float) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3), old_interval)
 
 
-def _verify_in_process(gold: str, pred: str, timeout: float) -> bool:
+def verify_in_process(gold: str, pred: str, timeout: float) -> bool:
     """Bounded comparison on the main thread (also the body of a helper process)."""
     try:
         with _alarm(timeout):
@@ -374,7 +374,7 @@ def _verify_in_process(gold: str, pred: str, timeout: float) -> bool:
 _INTEGER = re.compile(r"-?\d+")
 
 
-def _as_integer(s: str) -> int | None:
+def as_integer(s: str) -> int | None:
     """`s` as an integer if it is one written plainly (thousands separators allowed), else None."""
     s = strip_math_delimiters(s).replace("{,}", "").replace(" ", "")
     if len(s) <= 100 and _NUMBER.fullmatch(s) and _INTEGER.fullmatch(s.replace(",", "")):
@@ -384,11 +384,11 @@ def _as_integer(s: str) -> int | None:
 
 def _quick_verdict(gold: str, pred: str) -> bool | None:
     """Decide without sympy where that is safe: equal spellings, two integers, absurd predictions."""
-    if _canonical(gold) == _canonical(pred):
+    if canonical(gold) == canonical(pred):
         return True
     # Integer against integer (AIME, AMC, GSM8K, DAPO, the lab): no rounding can make two different
     # integers equal, so sympy has nothing to add.
-    gold_int, pred_int = _as_integer(gold), _as_integer(pred)
+    gold_int, pred_int = as_integer(gold), as_integer(pred)
     if gold_int is not None and pred_int is not None:
         return gold_int == pred_int
     if not _text_guard(pred):
@@ -429,7 +429,7 @@ _VERDICTS = _Verdicts(_CACHE_SIZE)
 def _verify_pairs(pairs: list[tuple[str, str]], timeout: float) -> list[bool]:
     """math-verify verdicts for pairs that passed `_quick_verdict`: in-process or in a helper."""
     if _alarm_usable():
-        verdicts = [_verify_in_process(gold, pred, timeout) for gold, pred in pairs]
+        verdicts = [verify_in_process(gold, pred, timeout) for gold, pred in pairs]
     else:
         verdicts = _helper_pool().verify_many(pairs, timeout)
     for (gold, pred), verdict in zip(pairs, verdicts, strict=True):
@@ -703,11 +703,11 @@ def _helper_main() -> None:
     """Body of a helper process: answer requests on stdin until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     out = sys.stdout.buffer
-    _verify_in_process("1", "\\frac{2}{2}", WORKER_START_TIMEOUT_S)  # load sympy and the parser now
+    verify_in_process("1", "\\frac{2}{2}", WORKER_START_TIMEOUT_S)  # load sympy and the parser now
     out.write(b"ready\n")
     out.flush()
     for line in sys.stdin.buffer:
         request = json.loads(line)
         for gold, pred in request["pairs"]:
-            out.write(b"1\n" if _verify_in_process(gold, pred, float(request["timeout"])) else b"0\n")
+            out.write(b"1\n" if verify_in_process(gold, pred, float(request["timeout"])) else b"0\n")
             out.flush()
