@@ -66,6 +66,8 @@ def test_outputs_over_seeds(grid):
     assert all(c["minimal_words"] == 3 * max(0, int(k) - 3) for k, c in by_k.items())
     md = (root / "out" / "tables.md").read_text()
     assert "| DUET | 2 |" in md and " ± " in md and "minimal sufficient signal" in md and "wall-clock" in md
+    assert "## Claims of the paper" in md and "| −MU lowers accuracy | 0.85 → 0.67 | — | not run |" in md
+    assert "| DUET keeps the original M's accuracy with fewer M tokens |" in md
     for png in ("pareto.png", "signal_lengths.png", "curves.png"):
         assert (root / "out" / png).stat().st_size > 0
 

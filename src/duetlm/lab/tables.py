@@ -78,6 +78,72 @@ def order(agg: dict[str, dict[str, Any]], variants: list[Variant]) -> dict[str, 
     return tables
 
 
+def _verdict(a: Cell, b: Cell, higher: bool = True) -> str:
+    """`a` above `b` (below, with `higher=False`) by more than the larger of their seed spreads:
+    reproduced; the other way by more than it: reversed; else within the spread."""
+    diff = (a.mean - b.mean) * (1 if higher else -1)
+    spread = max(a.std, b.std)
+    return "reproduced" if diff > spread else "reversed" if -diff > spread else "within the spread"
+
+
+def claims(agg: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(claim, the paper's numbers, ours, verdict) for each claim of the paper the grid can test;
+    "not run" where a method it needs is missing."""
+
+    def cell(m: str, s: str) -> str:
+        return f"{agg[m][s].mean:.3f} ± {agg[m][s].std:.3f}"
+
+    rows = []
+
+    def claim(text: str, paper: str, need: tuple[str, ...], judge: Any) -> None:
+        if not all(m in agg for m in need):
+            rows.append((text, paper, "—", "not run"))
+        else:
+            rows.append((text, paper, *judge()))
+
+    paper_acc = {
+        "single-model": "0.88 vs 0.82",
+        "ThinkPrune": "0.88 vs 0.87",
+        "L-GRPO": "0.88 vs 0.92 (not claimed)",
+    }
+    for other, paper in (
+        ("single-model", "0.489 vs 0.390"),
+        ("ThinkPrune", "0.489 vs 0.162"),
+        ("L-GRPO", "0.489 vs 0.162"),
+    ):
+        claim(f"DUET's IPT above {other}'s", f"AMC23 IPT {paper}", ("DUET", other),
+              lambda o=other: (f"{cell('DUET', 'ipt')} vs {cell(o, 'ipt')}", _verdict(agg["DUET"]["ipt"], agg[o]["ipt"])))  # fmt: skip
+        claim(f"DUET's accuracy at least {other}'s", f"AMC23 {paper_acc[other]}", ("DUET", other),
+              lambda o=other: (f"{cell('DUET', 'accuracy')} vs {cell(o, 'accuracy')}",
+                               _verdict(agg[o]["accuracy"], agg["DUET"]["accuracy"], higher=False)))  # fmt: skip
+    claim("DUET keeps the original M's accuracy with fewer M tokens", "AMC23 0.88 at 1800 vs 0.90 at 6948",
+          ("DUET", "original"), lambda: (f"{cell('DUET', 'accuracy')} at {agg['DUET']['large_tokens'].mean:.1f} vs "
+          f"{cell('original', 'accuracy')} at {agg['original']['large_tokens'].mean:.1f}",
+          "reproduced" if agg["DUET"]["accuracy"].mean >= agg["original"]["accuracy"].mean - 0.02
+          and agg["DUET"]["large_tokens"].mean <= 0.4 * agg["original"]["large_tokens"].mean else "not reproduced"))  # fmt: skip
+    claim("budget forcing at DUET's tokens falls below DUET", "truncation degrades (Table 1)",
+          ("DUET", "truncation at DUET's tokens"), lambda: (f"{cell('truncation at DUET' + chr(39) + 's tokens', 'accuracy')} vs "
+          f"{cell('DUET', 'accuracy')}", _verdict(agg["DUET"]["accuracy"], agg["truncation at DUET's tokens"]["accuracy"])))  # fmt: skip
+    claim("−MU lowers accuracy", "0.85 → 0.67", ("DUET", "DUET −MU"),
+          lambda: (f"{cell('DUET −MU', 'accuracy')} vs {cell('DUET', 'accuracy')}", _verdict(agg["DUET"]["accuracy"], agg["DUET −MU"]["accuracy"])))  # fmt: skip
+    claim("−LPS close to DUET", "0.82 vs 0.85", ("DUET", "DUET −LPS"), lambda: (
+        f"{cell('DUET −LPS', 'accuracy')} vs {cell('DUET', 'accuracy')}",
+        "reproduced" if abs(agg["DUET −LPS"]["accuracy"].mean - agg["DUET"]["accuracy"].mean)
+        <= max(0.05, agg["DUET −LPS"]["accuracy"].std, agg["DUET"]["accuracy"].std) else "not reproduced"))  # fmt: skip
+    claim("−MU −LPS collapses to empty signals", "0.27 at 0 tokens", ("DUET", "DUET −MU −LPS"), lambda: (
+        f"{cell('DUET −MU −LPS', 'accuracy')} at {agg['DUET −MU −LPS']['large_tokens'].mean:.1f} tokens",
+        "reproduced" if agg["DUET −MU −LPS"]["large_tokens"].mean <= 0.2 * agg["DUET"]["large_tokens"].mean
+        and agg["DUET −MU −LPS"]["accuracy"].mean < agg["DUET"]["accuracy"].mean else "not reproduced"))  # fmt: skip
+    claim("jointly trained m above a frozen m", "Figure 6: DUET's curve above Fix m", ("DUET", "DUET frozen m"),
+          lambda: (f"IPT {cell('DUET', 'ipt')} vs {cell('DUET frozen m', 'ipt')}", _verdict(agg["DUET"]["ipt"], agg["DUET frozen m"]["ipt"])))  # fmt: skip
+    return rows
+
+
+def render_claims(agg: dict[str, dict[str, Any]]) -> str:
+    head = "\n## Claims of the paper\n\n| claim | paper | ours (mean ± std over seeds) | verdict |\n|---|---|---|---|\n"
+    return head + "\n".join(f"| {c} | {p} | {o} | {v} |" for c, p, o, v in claims(agg)) + "\n"
+
+
 def render_markdown(header: list[str], agg: dict[str, dict[str, Any]], tables: dict[str, list[str]]) -> str:
     md = ["# " + header[0] + "\n", *[line + "\n" for line in header[1:]]]
     cols = "| method | seeds | accuracy | M tokens | m tokens | compute (MFLOP) | IPT |\n|---|---:|---:|---:|---:|---:|---:|\n"
@@ -90,6 +156,7 @@ def render_markdown(header: list[str], agg: dict[str, dict[str, Any]], tables: d
             for m in tables[key]
         ]
         md.append(f"\n## {title}\n\n" + cols + "\n".join(lines) + "\n")
+    md.append(render_claims(agg))
     md.append(by_length(agg, [m for key in TITLES for m in tables[key]]))
     return "".join(md)
 
