@@ -30,7 +30,7 @@ from duetlm.errors import DuetError
 from duetlm.lab.demo import DemoConfig, Row
 
 BASELINES = "baselines"
-GRID_VERSION = 1  # bump when a unit's result changes meaning (its cache entries are then recomputed)
+GRID_VERSION = 2  # bump when a unit's result changes meaning (its cache entries are then recomputed)
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,14 @@ VARIANTS: list[Variant] = [
     Variant("DUET global −MU", "global", objective={"mu_baseline": "none"}, grpo={"advantage": "global"}),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
+
+
+TRUNCATION_FRACTIONS = (0.4, 0.6, 0.8)
+
+
+def truncation_name(fraction: float) -> str:
+    """Table 1's budget-forcing row at `fraction` × T0 (M's mean thinking tokens before RL)."""
+    return f"truncation {fraction:g}×T0"
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duetlm.lab.grid import BASELINES, VARIANTS, GridSpec, Unit, Variant, plan, run_grid
+from duetlm.lab.grid import (
+    BASELINES,
+    TRUNCATION_FRACTIONS,
+    VARIANTS,
+    GridSpec,
+    Unit,
+    Variant,
+    plan,
+    run_grid,
+    truncation_name,
+)
 
 TITLES = {
     "table1": "Table 1: methods (test problems, greedy)",
@@ -69,7 +79,7 @@ def aggregate(done: dict[Unit, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def order(agg: dict[str, dict[str, Any]], variants: list[Variant]) -> dict[str, list[str]]:
     """The methods of each table, in the paper's order."""
     table1 = [m for m in BASELINE_ORDER if m in agg]
-    table1 += sorted((m for m in agg if m.startswith("truncation:")), key=lambda m: int(m.split(":")[1]))
+    table1 += [m for m in map(truncation_name, TRUNCATION_FRACTIONS) if m in agg]
     table1 += [m for m in ("truncation at DUET's tokens",) if m in agg]
     tables = {"table1": table1, "ablation": [], "global": []}
     for v in variants:

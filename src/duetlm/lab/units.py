@@ -21,7 +21,16 @@ from duetlm.lab.demo import (
     train_config,
     warm_start,
 )
-from duetlm.lab.grid import BASELINES, BY_NAME, GridSpec, Unit, Variant, objective_for
+from duetlm.lab.grid import (
+    BASELINES,
+    BY_NAME,
+    TRUNCATION_FRACTIONS,
+    GridSpec,
+    Unit,
+    Variant,
+    objective_for,
+    truncation_name,
+)
 from duetlm.lab.task import minimal_signal, parse_question
 
 
@@ -96,9 +105,13 @@ def baselines(ctx: Context, large0: Any, small0: Any) -> dict[str, Any]:
     """m alone, the original M, budget forcing at 0.4 / 0.6 / 0.8 × T0, prompt-based, DUET untrained."""
     methods = ctx.score("warm", large0, small0, ["small", "original"], rename={"small": "m alone"})
     t0 = methods["original"]["large_tokens"]
-    caps = sorted({max(1, round(f * t0)) for f in (0.4, 0.6, 0.8)})
-    more = ["prompt", "duet", *(f"truncation:{t}" for t in caps)]
-    methods |= ctx.score("warm2", large0, small0, more, rename={"duet": "DUET (untrained pair)"})
+    # Named by the fraction, not the cap: T0 (so the cap) differs by a token between seeds, and a row
+    # must hold the same method on every seed to be averaged.
+    caps = {truncation_name(f): max(1, round(f * t0)) for f in TRUNCATION_FRACTIONS}
+    more = ["prompt", "duet", *sorted({f"truncation:{t}" for t in caps.values()})]
+    scored = ctx.score("warm2", large0, small0, more, rename={"duet": "DUET (untrained pair)"})
+    methods |= {m: r for m, r in scored.items() if not m.startswith("truncation:")}
+    methods |= {name: {**scored[f"truncation:{t}"], "cap": t} for name, t in caps.items()}
     return {"methods": methods, "T0": t0, "truncation_caps": caps, "params": ctx.params}
 
 
