@@ -116,7 +116,7 @@ def test_parse_method_names_and_caps():
     assert (spec.name, spec.kind, spec.cap) == ("truncation:3072", "truncation", 3072)
     assert parse_method("truncation:0100").name == "truncation:100"
     assert split_list(["duet, original", "duet,,small"]) == ["duet", "original", "small"]
-    assert set(METHODS) == {"duet", "original", "truncation", "prompt", "small"}
+    assert set(METHODS) == {"duet", "original", "truncation", "prompt", "small", "cascade"}
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,8 @@ def test_eval_every_method_end_to_end(full_run, problem_file):
     assert any(len(a) > 1 for a in answers.values())
 
     results = json.loads((full_run / "results.json").read_text())
-    assert {(m["method"]) for m in results["metrics"]} == set(ALL_METHODS.split(","))
+    # oracle-route is derived wherever small and duet both ran (report.oracle_route)
+    assert {(m["method"]) for m in results["metrics"]} == set(ALL_METHODS.split(",")) | {"oracle-route"}
     assert all(
         m["problems"] == N_PROBLEMS and m["samples"] == N_PROBLEMS * SAMPLES for m in results["metrics"]
     )

@@ -6,7 +6,11 @@ The methods (algorithm.md §5), one dispatch table, `METHODS`:
 - `truncation:T`: budget forcing; M's thinking is cut at T tokens, the block closed, M answers
   (`DuetPipeline.truncation`);
 - `prompt`: `original` with the paper's concise instruction (`DuetPipeline.concise`);
-- `small`: m alone (`DuetPipeline.small_only`).
+- `small`: m alone (`DuetPipeline.small_only`);
+- `cascade:logprob@T`, `cascade:consistency@K@T`: m answers alone, and asks M for z where its confidence is below T
+  (`DuetPipeline.cascade`, `duetlm.cascade`);
+- `oracle-route`: the routing limit, not run but read from the same samples of `small` and `duet`
+  (M's signal exactly where m alone is wrong; `report.oracle_route`), so naming it runs both.
 
 Every sample becomes a `SampleRecord` appended (and flushed) to `results.jsonl` as soon as its batch
 is graded, so an interrupted evaluation loses at most one batch: run the same command again and it
@@ -35,12 +39,14 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
+from duetlm.cascade import ESTIMATORS, CascadeSpec, parse_cascade
 from duetlm.config import Strict
 from duetlm.engines.base import Engine, SamplingParams
 from duetlm.errors import DuetError
 from duetlm.pipeline import DuetPipeline, DuetResult
 from duetlm.problems import Problem, render_question
 from duetlm.report import (
+    ORACLE_ROUTE,
     RECORDS_FILE,
     RUN_FILE,
     MethodMetrics,
@@ -53,50 +59,62 @@ from duetlm.report import (
 # --------------------------------------------------------------------------------------------------
 # Methods: one dispatch table
 
-MethodRun = Callable[[DuetPipeline, list[str], "int | None", int], list[DuetResult]]
+MethodRun = Callable[[DuetPipeline, list[str], "MethodSpec", int], list[DuetResult]]
 
 
 @dataclass(frozen=True)
 class MethodDef:
-    """A method of the evaluation. `run(pipeline, questions, cap, seed)` answers a batch."""
+    """A method of the evaluation. `run(pipeline, questions, spec, seed)` answers a batch."""
 
     summary: str
     run: MethodRun
     uses_large: bool = True
     uses_small: bool = False
     takes_cap: bool = False
+    takes_cascade: bool = False
 
 
 METHODS: dict[str, MethodDef] = {
     "duet": MethodDef(
         "M writes a signal z, m answers from (x, z)",
-        lambda pipe, qs, cap, seed: pipe.run(qs, seed=seed),
+        lambda pipe, qs, spec, seed: pipe.run(qs, seed=seed),
         uses_small=True,
     ),
     "original": MethodDef(
         "M alone: thinking, then its own answer",
-        lambda pipe, qs, cap, seed: pipe.original(qs, seed=seed),
+        lambda pipe, qs, spec, seed: pipe.original(qs, seed=seed),
     ),
     "truncation": MethodDef(
         "budget forcing: M's thinking cut at T tokens, then M answers",
-        lambda pipe, qs, cap, seed: pipe.truncation(qs, cap or 0, seed=seed),
+        lambda pipe, qs, spec, seed: pipe.truncation(qs, spec.cap or 0, seed=seed),
         takes_cap=True,
     ),
     "prompt": MethodDef(
         "M alone with the paper's concise-reasoning instruction",
-        lambda pipe, qs, cap, seed: pipe.concise(qs, seed=seed),
+        lambda pipe, qs, spec, seed: pipe.concise(qs, seed=seed),
     ),
     "small": MethodDef(
         "m alone, no signal",
-        lambda pipe, qs, cap, seed: pipe.small_only(qs, seed=seed),
+        lambda pipe, qs, spec, seed: pipe.small_only(qs, seed=seed),
         uses_large=False,
         uses_small=True,
+    ),
+    "cascade": MethodDef(
+        "m answers alone; M's signal, then m again, only where m's confidence is below T",
+        lambda pipe, qs, spec, seed: pipe.cascade(qs, spec.cascade, seed=seed),
+        uses_small=True,
+        takes_cascade=True,
     ),
 }
 
 
 def valid_methods() -> str:
-    return ", ".join(f"{name}:T" if d.takes_cap else name for name, d in METHODS.items())
+    def usage(name: str, d: MethodDef) -> str:
+        if d.takes_cascade:  # no brackets: the CLI's help renders them as markup
+            return ", ".join(f"{name}:{e}{'@K' if ESTIMATORS[e].votes else ''}@T" for e in ESTIMATORS)
+        return f"{name}:T" if d.takes_cap else name
+
+    return ", ".join([*(usage(n, d) for n, d in METHODS.items()), ORACLE_ROUTE])
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,7 @@ class MethodSpec:
     name: str
     kind: str
     cap: int | None = None
+    cascade: CascadeSpec | None = None
 
     @property
     def definition(self) -> MethodDef:
@@ -119,6 +138,11 @@ def parse_method(text: str) -> MethodSpec:
     if kind not in METHODS:
         raise DuetError(f"unknown method {name!r}; valid methods: {valid_methods()}")
     definition = METHODS[kind]
+    if definition.takes_cascade:
+        if not sep:
+            raise DuetError(f"method {kind!r} needs an estimator and threshold, e.g. cascade:logprob@0.5")
+        spec = parse_cascade(arg)
+        return MethodSpec(f"{kind}:{spec.name}", kind, cascade=spec)
     if not definition.takes_cap:
         if sep:
             raise DuetError(f"method {kind!r} takes no argument (got {name!r})")
@@ -174,7 +198,9 @@ class EvalConfig(Strict):
         names = split_list(value)
         if not names:
             raise ValueError(f"no method given; valid methods: {valid_methods()}")
-        return [parse_method(n).name for n in names]
+        # oracle-route is read from small's and duet's samples (the report adds it where both ran).
+        names = [m for n in names for m in (("small", "duet") if n == ORACLE_ROUTE else (n,))]
+        return list(dict.fromkeys(parse_method(n).name for n in names))
 
     @field_validator("benchmarks")
     @classmethod
@@ -347,6 +373,8 @@ def to_record(
         small_finish=result.small_finish,
         seconds=seconds,
         seed=seed,
+        large_called=result.large_called,
+        confidence=result.confidence,
     )
 
 
@@ -358,7 +386,7 @@ def run_batch(pipe: DuetPipeline, items: list[WorkItem], seed: int) -> list[Samp
     t0 = time.perf_counter()
     # `render_question`: a multiple-choice problem's options are part of what the models read.
     questions = [render_question(it.problem) for it in items]
-    results = method.definition.run(pipe, questions, method.cap, seed)
+    results = method.definition.run(pipe, questions, method, seed)
     seconds = (time.perf_counter() - t0) / len(items)
     problems = [it.problem for it in items]
     answers = [r.answer for r in results]

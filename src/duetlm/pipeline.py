@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from duetlm import protocol
+from duetlm.cascade import ESTIMATORS, VOTE_TEMPERATURE, CascadeSpec, calls_large
 from duetlm.engines.base import Engine, Generation, OutputCallback, SamplingParams, generate_streaming
 from duetlm.errors import DuetError
 from duetlm.protocol import Signal
@@ -39,9 +40,15 @@ class DuetResult:
     small: Generation | None = None
     timings: dict[str, float] = field(default_factory=dict)
     think_finish: str = ""
+    large_called: bool | None = (
+        None  # the cascade: whether m asked M (None: a method that always does or never does)
+    )
+    confidence: float | None = None  # the cascade: m's confidence in its own first answer
 
     def to_json(self) -> dict[str, Any]:
+        routed = {"large_called": self.large_called, "confidence": self.confidence}
         return {
+            **{k: v for k, v in routed.items() if v is not None},
             "signal": self.signal.text,
             "signal_complete": self.signal.complete,
             "answer": self.answer,
@@ -270,6 +277,62 @@ class DuetPipeline:
             )
             for q, y in zip(questions, outs, strict=True)
         ]
+
+    def cascade(self, questions: list[str], spec: CascadeSpec, seed: int | None = None) -> list[DuetResult]:
+        """m answers alone first; where its confidence (`duetlm.cascade`) is below `spec.threshold`,
+        M writes z and m answers again from (x, z), exactly as `run` does for those questions. M tokens
+        are zero where M was not called; m tokens count every answer m wrote (its first, the votes of
+        `consistency`, and its answer with z)."""
+        _check_questions(questions)
+        if self.small is None:
+            raise DuetError("the cascade needs a small model m: it answers first")
+        estimator = ESTIMATORS[spec.estimator]
+        pipe = self.seeded(seed)
+        t0 = time.perf_counter()
+        first_pipe = replace(pipe, small_sampling=replace(pipe.small_sampling, logprobs=True))
+        first = [gs[0] for gs in first_pipe.answer(questions, [None] * len(questions), n=1)]
+        votes: list[list[Generation]] = [[] for _ in questions]
+        if estimator.votes:
+            vote_seed = None if seed is None else seed + 1  # not m's first answer's draws
+            vote_pipe = replace(
+                pipe,
+                small_sampling=replace(pipe.small_sampling, temperature=VOTE_TEMPERATURE, seed=vote_seed),
+            )
+            votes = vote_pipe.answer(questions, [None] * len(questions), n=spec.votes)
+        small_s = time.perf_counter() - t0
+        confidence = [
+            estimator.confidence(g.text, g.logprobs, [v.text for v in vs])
+            for g, vs in zip(first, votes, strict=True)
+        ]
+        asked = [i for i, c in enumerate(confidence) if calls_large(c, spec.threshold)]
+        helped = dict(zip(asked, self.run([questions[i] for i in asked], seed=seed), strict=True))
+        out = []
+        for i, (q, g) in enumerate(zip(questions, first, strict=True)):
+            spent = g.num_tokens + sum(v.num_tokens for v in votes[i])
+            if i in helped:
+                r = helped[i]
+                out.append(
+                    replace(
+                        r, small_tokens=r.small_tokens + spent, large_called=True, confidence=confidence[i]
+                    )
+                )
+                continue
+            out.append(
+                DuetResult(
+                    question=q,
+                    signal=protocol.Signal("", complete=True),
+                    answer=g.text.strip(),
+                    large_tokens=0,
+                    small_tokens=spent,
+                    large_finish="",
+                    small_finish=g.finish_reason,
+                    small=g,
+                    timings=_timings(0.0, small_s, len(questions)),
+                    large_called=False,
+                    confidence=confidence[i],
+                )
+            )
+        return out
 
 
 def signals_of(generations: list[Generation]) -> list[Signal]:

@@ -33,6 +33,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from duetlm.boxes import last_boxed
 from duetlm.errors import DuetError
 
 THINK_OPEN = "<think>"
@@ -243,3 +244,11 @@ def own_answer(text: str) -> str:
     (the answer may be in it). Training and evaluation grade M alike through this one rule."""
     _, answer = split_response(text)
     return answer if THINK_CLOSE in text else text.strip()
+
+
+def boxed_answer(text: str) -> str | None:
+    """The answer m committed to: its last `\\boxed{}`'s content, whitespace removed (so `\\boxed{ 7 }`
+    and `\\boxed{7}` agree); None when there is none. The cascade's confidence reads it (`duetlm.cascade`):
+    an answer without one is unsure."""
+    boxed = last_boxed(text)
+    return None if boxed is None else "".join(boxed.split())

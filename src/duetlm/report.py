@@ -20,12 +20,13 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from duetlm.errors import DuetError
 
+ORACLE_ROUTE = "oracle-route"
 RECORDS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
@@ -33,7 +34,7 @@ TABLE_FILE = "table.md"
 PLOT_FILE = "pareto.png"
 
 # The order in which methods appear in tables (then truncation caps ascending).
-METHOD_ORDER = ("duet", "original", "truncation", "prompt", "small")
+METHOD_ORDER = ("duet", "original", "truncation", "prompt", "small", "cascade", "oracle-route")
 
 
 @dataclass
@@ -64,6 +65,8 @@ class SampleRecord:
     small_finish: str
     seconds: float
     seed: int | None
+    large_called: bool | None = None  # the cascade and oracle-route: whether M wrote a signal
+    confidence: float | None = None  # the cascade: m's confidence in its own first answer
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -73,7 +76,8 @@ class SampleRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SampleRecord:
         names = {f.name for f in fields(cls)}
-        missing = names - data.keys()
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = required - data.keys()
         if missing:
             raise ValueError(f"record lacks {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -94,6 +98,7 @@ class MethodMetrics:
     wall_s: float
     compute_flops: float | None
     signal_incomplete: float | None  # fraction of samples whose thinking M did not close (None: no M)
+    large_call_rate: float | None = None  # share of samples where M was called (routing methods only)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,6 +149,32 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
+def oracle_route(records: Iterable[SampleRecord]) -> list[SampleRecord]:
+    """The routing limit, from the same samples of `small` and `duet`: for each (benchmark, problem,
+    sample) that has both, m alone's record where it is correct (M not called), else DUET's (M called,
+    after m's own attempt: its tokens and time are added)."""
+    by_key = {r.key: r for r in records if r.method in ("small", "duet")}
+    out = []
+    for (bench, pid, method, sample), alone in by_key.items():
+        duet = by_key.get((bench, pid, "duet", sample))
+        if method != "small" or duet is None:
+            continue
+        if alone.correct >= 1.0:
+            out.append(replace(alone, method=ORACLE_ROUTE, large_called=False))
+        else:
+            spent = alone.small_tokens + duet.small_tokens
+            seconds = alone.seconds + duet.seconds
+            out.append(
+                replace(duet, method=ORACLE_ROUTE, large_called=True, small_tokens=spent, seconds=seconds)
+            )
+    return out
+
+
+def _call_rate(records: list[SampleRecord]) -> float | None:
+    routed = [r.large_called for r in records if r.large_called is not None]
+    return sum(routed) / len(routed) if routed else None
+
+
 def _incomplete(records: list[SampleRecord]) -> float | None:
     with_m = [r for r in records if r.large_tokens]
     if not with_m:
@@ -154,7 +185,18 @@ def _incomplete(records: list[SampleRecord]) -> float | None:
 def method_sort_key(method: str) -> tuple[int, int, str]:
     kind, _, arg = method.partition(":")
     rank = METHOD_ORDER.index(kind) if kind in METHOD_ORDER else len(METHOD_ORDER)
+    if kind == "cascade":  # by estimator, then threshold
+        family, _, threshold = arg.rpartition("@")
+        return (rank, 0, f"{family}@{float(threshold):012.6f}" if _is_number(threshold) else arg)
     return (rank, int(arg) if arg.isdigit() else 0, method)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def aggregate(
@@ -189,6 +231,7 @@ def aggregate(
                     sum(r.small_tokens for r in rs),
                 ),
                 signal_incomplete=_incomplete(rs),
+                large_call_rate=_call_rate(rs),
             )
         )
     return out
@@ -244,7 +287,7 @@ def _params(run: dict[str, Any], role: str) -> int | None:
 
 
 def metrics_of(run: dict[str, Any], records: list[SampleRecord]) -> list[MethodMetrics]:
-    return aggregate(records, _params(run, "large"), _params(run, "small"))
+    return aggregate([*records, *oracle_route(records)], _params(run, "large"), _params(run, "small"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,14 +350,15 @@ def render_table(metrics: list[MethodMetrics], run: dict[str, Any] | None = None
         "## Details",
         "",
         "| benchmark | method | problems | samples | accuracy | M tokens | m tokens | IPT | "
-        "thinking not closed | wall-clock (s) | est. compute (FLOPs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "thinking not closed | M called | wall-clock (s) | est. compute (FLOPs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in metrics:
         lines.append(
             f"| {bench_label(m.benchmark)} | {m.method} | {m.problems} | {m.samples} | {m.accuracy:.3f} | "
             f"{m.large_tokens:.1f} | {m.small_tokens:.1f} | {'—' if m.ipt is None else f'{m.ipt:.3f}'} | "
-            f"{'—' if m.signal_incomplete is None else f'{m.signal_incomplete:.0%}'} | {m.wall_s:.1f} | "
+            f"{'—' if m.signal_incomplete is None else f'{m.signal_incomplete:.0%}'} | "
+            f"{'—' if m.large_call_rate is None else f'{m.large_call_rate:.0%}'} | {m.wall_s:.1f} | "
             f"{_sci(m.compute_flops)} |"
         )
     total = sum(inv.get("wall_s", 0.0) for inv in run.get("invocations", []))
@@ -350,6 +394,10 @@ def plot_pareto(metrics: list[MethodMetrics], path: Path) -> None:
         front = pareto_front(pts)
         if len(front) > 1:
             ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="grey", lw=1)
+        for family in {f for m in ms if (f := cascade_family(m.method)) is not None}:
+            sweep = sorted((p for m, p in zip(ms, pts, strict=True) if cascade_family(m.method) == family))
+            if len(sweep) > 1:  # a threshold sweep: its accuracy-vs-M-tokens curve
+                ax.plot(*zip(*sweep, strict=True), color="tab:purple", lw=1, alpha=0.6, label=family)
         for m, (x, y) in zip(ms, pts, strict=True):
             ax.scatter([x], [y], s=70 if m.method == "duet" else 40, zorder=3, **style[m.method])
         ax.set_title(bench_label(bench))
@@ -365,6 +413,11 @@ def plot_pareto(metrics: list[MethodMetrics], path: Path) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(methods), 6), frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def cascade_family(method: str) -> str | None:
+    """`cascade:logprob@0.5` -> `cascade:logprob` (the points of one threshold sweep); None otherwise."""
+    return method.rpartition("@")[0] if method.startswith("cascade:") else None
 
 
 def write_report(out_dir: str | Path) -> list[MethodMetrics]:

@@ -376,6 +376,7 @@ def evaluate(
 ) -> list[Row]:
     """`run_eval` over the test problems with engines already in memory; one `Row` per method."""
     from duetlm.evaluate import make_config, run_eval
+    from duetlm.report import ORACLE_ROUTE
 
     ecfg = make_config(
         large=f"lab M ({models})",
@@ -394,6 +395,7 @@ def evaluate(
     return [
         Row(rename.get(m.method, m.method), m.accuracy, m.large_tokens, m.small_tokens, m.wall_s, models)
         for m in summary.metrics
+        if m.method != ORACLE_ROUTE  # derived from small's and duet's samples; not a demo row
     ]
 
 
