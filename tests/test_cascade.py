@@ -241,3 +241,76 @@ def test_eval_rejects_bad_cascade_methods(tmp_path):
         parse_method("cascade:margin@0.5")
     with pytest.raises(DuetError, match="needs an estimator"):
         parse_method("cascade")
+
+
+# --------------------------------------------------------------------------------------------------
+# duetlm serve --cascade, through the official client
+
+
+def test_served_cascade_says_whether_m_called_m(tiny_dir, tiny_engine, taught_small, cascade_pipe):
+    import httpx
+    import openai
+
+    from duetlm.serve import DuetService, ServeConfig, ServerThread, create_app
+
+    conf = [r.confidence for r in cascade_pipe.cascade(QUESTIONS, CascadeSpec("logprob", 0.0))]
+    threshold = sorted(conf)[len(conf) // 2]
+    expected = cascade_pipe.cascade(QUESTIONS, CascadeSpec("logprob", threshold))
+    cfg = ServeConfig(
+        large=str(tiny_dir),
+        small="m",
+        max_signal_tokens=8,
+        max_answer_tokens=6,
+        cascade=f"logprob@{threshold!r}",
+    )
+    with ServerThread(create_app(DuetService(cfg, tiny_engine, taught_small))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        replies = []
+        for q in QUESTIONS:
+            raw = client.chat.completions.with_raw_response.create(
+                model="duet", messages=[{"role": "user", "content": q}]
+            )
+            replies.append((raw.headers["x-duet-large-called"], raw.parse()))
+        streams = {}
+        for want in (True, False):  # one question of each kind, streamed
+            i = next(i for i, r in enumerate(expected) if r.large_called is want)
+            chunks = list(
+                client.chat.completions.create(
+                    model="duet", messages=[{"role": "user", "content": QUESTIONS[i]}], stream=True
+                )
+            )
+            streams[i] = chunks
+        metrics = httpx.get(server.url + "/metrics").text
+    for (header, r), e in zip(replies, expected, strict=True):
+        duet = r.model_extra["duet"]
+        assert duet["large_called"] is e.large_called and header == f"{int(e.large_called)}/1"
+        assert duet["confidence"] == pytest.approx(e.confidence, abs=1e-5)
+        assert r.choices[0].message.content == e.answer
+        assert r.choices[0].message.reasoning_content == e.signal.text
+        assert r.usage.large["completion_tokens"] == e.large_tokens
+        assert r.usage.small["completion_tokens"] == e.small_tokens  # m's first answer counted too
+    for i, chunks in streams.items():
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reasoning = "".join(
+            (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices
+        )
+        assert (content, reasoning) == (expected[i].answer, expected[i].signal.text)
+        last = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+        assert last.choices[0].model_extra["duet"]["large_called"] is expected[i].large_called
+    called = sum(r.large_called for r in expected) + 1  # the streamed ones: one of each
+    skipped = len(expected) - called + 2
+    assert f'duetlm_cascade_choices_total{{decision="called"}} {called:.1f}' in metrics
+    assert f'duetlm_cascade_choices_total{{decision="skipped"}} {skipped:.1f}' in metrics
+
+
+def test_serve_cascade_refused_at_start_up(tiny_dir):
+    from pydantic import ValidationError
+
+    from duetlm.serve import ServeConfig
+
+    with pytest.raises(ValidationError, match="valid: logprob, consistency"):
+        ServeConfig(large=str(tiny_dir), small="m", cascade="entropy@0.5")
+    with pytest.raises(ValidationError, match=r"in \[0, 1\]"):
+        ServeConfig(large=str(tiny_dir), small="m", cascade="logprob@2")
+    with pytest.raises(ValidationError, match="cascade needs role duet"):
+        ServeConfig(large=str(tiny_dir), role="large", cascade="logprob@0.5")

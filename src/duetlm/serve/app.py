@@ -131,7 +131,7 @@ async def _complete(service: DuetService, parsed: ParsedChat, started: float) ->
     outcomes = await service.run_all(parsed)
     body = openai.completion(service.served, parsed, outcomes)
     service.metrics.completed(outcomes, body["usage"], time.perf_counter() - started, stream=False)
-    return JSONResponse(body)
+    return JSONResponse(body, headers=openai.large_called_header(outcomes))
 
 
 async def _stream(

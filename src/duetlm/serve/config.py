@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from duetlm.cascade import CascadeSpec, parse_cascade
 from duetlm.config import DType, Strict
+from duetlm.errors import DuetError
 
 
 class ServeConfig(Strict):
@@ -57,6 +59,11 @@ class ServeConfig(Strict):
     remote_max_retries: int = Field(4, ge=0, description="retries towards --large-url")
     remote_backoff_s: float = Field(0.5, ge=0, description="first backoff delay towards --large-url")
     remote_concurrency: int = Field(16, ge=1, description="requests in flight towards --large-url")
+    cascade: str | None = Field(
+        None,
+        description="m answers first and M is called only where m is unsure: logprob@T or consistency@K@T "
+        "(duetlm.cascade); default: M on every request",
+    )
     api_key: str | None = Field(
         None, description="clients must send 'Authorization: Bearer <key>' (all routes but /health)"
     )
@@ -69,7 +76,17 @@ class ServeConfig(Strict):
             raise ValueError("role duet needs small (m); use role large to serve M alone")
         if self.role == "large" and self.small is not None:
             raise ValueError("role large serves M alone: drop small")
+        if self.cascade is not None:
+            if self.role != "duet":
+                raise ValueError("cascade needs role duet (m answers first)")
+            try:  # an unknown estimator or a bad threshold: refused at start-up, not per request
+                parse_cascade(self.cascade)
+            except DuetError as err:
+                raise ValueError(f"cascade: {err}") from None
         return self
+
+    def cascade_spec(self) -> CascadeSpec | None:
+        return None if self.cascade is None else parse_cascade(self.cascade)
 
     @property
     def model_name(self) -> str:

@@ -20,6 +20,7 @@ class ServeMetrics:
     - `duetlm_tokens_total{model, kind}`: prompt and completion tokens of M ("large") and m ("small");
     - `duetlm_signal_tokens`: M's tokens per choice (|z|, what DUET makes short), and
       `duetlm_signals_total{complete}`: whether M closed its thinking within its cap;
+    - `duetlm_cascade_choices_total{decision}`: with `--cascade`, choices that called M or skipped it;
     - `duetlm_requests_in_flight` (read from `in_flight()`) and `duetlm_batch_mean{stage}` (requests
       per engine call, windowed; rows per decode step, continuous) of each of `stages`.
     """
@@ -58,6 +59,12 @@ class ServeMetrics:
         self.signals = Counter(
             "duetlm_signals", "signals by whether M closed its thinking", ["complete"], registry=reg
         )
+        self.cascade = Counter(
+            "duetlm_cascade_choices",
+            "cascade: choices where m asked M (called) or kept its own answer (skipped)",
+            ["decision"],
+            registry=reg,
+        )
         Gauge("duetlm_requests_in_flight", "requests admitted and not done", registry=reg).set_function(
             in_flight
         )
@@ -82,5 +89,9 @@ class ServeMetrics:
             for kind in ("prompt", "completion"):
                 self.tokens.labels(model, kind).inc(usage[model][f"{kind}_tokens"])
         for o in outcomes:
+            if o.large_called is not None:
+                self.cascade.labels("called" if o.large_called else "skipped").inc()
+            if o.large is None:
+                continue
             self.signal_tokens.observe(o.large.num_tokens)
             self.signals.labels(str(o.signal.complete).lower()).inc()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -250,11 +250,18 @@ def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
 
 @dataclass
 class DuetOutcome:
-    """One choice's pass: M's generation and signal, and m's generation (None for role large)."""
+    """One choice's pass: M's generation and signal, and m's generation (None for role large).
 
-    large: Generation
+    With a cascade (`ServeConfig.cascade`): `large` is None where m's own answer was kept (M not
+    called), `large_called` says which, `confidence` is m's in its first answer, and `spent` holds m's
+    generations that are not the answer (the rejected first answer, the votes), counted in usage."""
+
+    large: Generation | None
     signal: protocol.Signal
     small: Generation | None = None
+    large_called: bool | None = None
+    confidence: float | None = None
+    spent: list[Generation] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -295,7 +302,21 @@ def reasoning(text: str) -> dict[str, str]:
 
 
 def duet_fields(outcome: DuetOutcome) -> dict[str, Any]:
-    return {"signal_complete": outcome.signal.complete, "large_finish": outcome.large.finish_reason}
+    large_finish = outcome.large.finish_reason if outcome.large is not None else ""
+    fields = {"signal_complete": outcome.signal.complete, "large_finish": large_finish}
+    if outcome.large_called is not None:
+        fields |= {"large_called": outcome.large_called, "confidence": outcome.confidence}
+    return fields
+
+
+LARGE_CALLED_HEADER = "X-Duet-Large-Called"
+
+
+def large_called_header(outcomes: list[DuetOutcome]) -> dict[str, str]:
+    """A cascade's response header: how many of its choices called M, e.g. `0/1` or `2/4`."""
+    if outcomes[0].large_called is None:
+        return {}
+    return {LARGE_CALLED_HEADER: f"{sum(bool(o.large_called) for o in outcomes)}/{len(outcomes)}"}
 
 
 def _prompt_tokens(g: Generation) -> int:
@@ -306,13 +327,18 @@ def _prompt_tokens(g: Generation) -> int:
 def usage(outcomes: list[DuetOutcome]) -> dict[str, Any]:
     """Tokens of all choices: M's prompt once (every choice shares it), m's prompts (each holds its
     own signal) and both models' completions summed."""
+    called = [o.large for o in outcomes if o.large is not None]  # a cascade may call M for none
     large = {
-        "prompt_tokens": _prompt_tokens(outcomes[0].large),
-        "completion_tokens": sum(o.large.num_tokens for o in outcomes),
+        "prompt_tokens": _prompt_tokens(called[0]) if called else 0,
+        "completion_tokens": sum(g.num_tokens for g in called),
     }
+    # m's generations: each choice's answer and what the cascade spent before it (its first answer
+    # when rejected, the votes); m's prompts without a signal are the same for a request's choices,
+    # but each is prefilled, so each counts.
+    small_gens = [g for o in outcomes for g in (*o.spent, o.small) if g is not None]
     small = {
-        "prompt_tokens": sum(_prompt_tokens(o.small) for o in outcomes if o.small is not None),
-        "completion_tokens": sum(o.small.num_tokens for o in outcomes if o.small is not None),
+        "prompt_tokens": sum(_prompt_tokens(g) for g in small_gens),
+        "completion_tokens": sum(g.num_tokens for g in small_gens),
     }
     prompt = large["prompt_tokens"] + small["prompt_tokens"]
     completion = large["completion_tokens"] + small["completion_tokens"]
@@ -330,13 +356,14 @@ def choice_fields(chat: ParsedChat, outcome: DuetOutcome) -> tuple[str, str]:
     """(content, finish_reason) of the choice: m's answer cut before the first stop string."""
     if outcome.small is not None:
         return answer_text(outcome.small.text, chat.stop), outcome.small.finish_reason
+    assert outcome.large is not None  # role large: M's pass is the choice
     return "", outcome.large.finish_reason
 
 
 def extensions(role: str, outcome: DuetOutcome) -> dict[str, Any]:
     """Fields beyond the OpenAI choice: for role large, what `RemoteEngine` needs to rebuild M's
     raw text and count its tokens exactly (vLLM's `stop_reason` and `token_ids`)."""
-    if role == "large":
+    if role == "large" and outcome.large is not None:
         return {
             "stop_reason": protocol.THINK_CLOSE if outcome.signal.complete else None,
             "token_ids": list(outcome.large.token_ids),
@@ -352,7 +379,7 @@ def logprobs(chat: ParsedChat, outcome: DuetOutcome, served: Served) -> dict[str
     tokens at that position under the same distribution (empty when not asked for, or when the
     engine reports none: a remote M)."""
     gen = outcome.small if outcome.small is not None else outcome.large
-    if not chat.request.logprobs or gen.logprobs is None:
+    if not chat.request.logprobs or gen is None or gen.logprobs is None:
         return None
     vocab = served.small if outcome.small is not None and served.small is not None else served.large
     ids = text_ids(list(gen.token_ids), vocab.eos_ids)
@@ -372,7 +399,8 @@ def logprobs(chat: ParsedChat, outcome: DuetOutcome, served: Served) -> dict[str
 def last_chunk_fields(served: Served, chat: ParsedChat, outcome: DuetOutcome) -> dict[str, Any]:
     """What a choice's last streamed chunk carries beside its finish reason: log-probs (the engines
     report them per generation, not per token as it streams) and the role's extensions."""
-    return {"logprobs": logprobs(chat, outcome, served), **extensions(served.role, outcome)}
+    routed = {"duet": duet_fields(outcome)} if outcome.large_called is not None else {}
+    return {"logprobs": logprobs(chat, outcome, served), **extensions(served.role, outcome), **routed}
 
 
 def completion(served: Served, chat: ParsedChat, outcomes: list[DuetOutcome]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from duetlm import protocol
+from duetlm.cascade import ESTIMATORS, VOTE_TEMPERATURE, calls_large
 from duetlm.engines.base import Engine, Generation, SamplingParams, generate_streaming
 from duetlm.errors import DuetError
 from duetlm.pipeline import DuetPipeline, signals_of
@@ -58,6 +59,7 @@ class DuetService:
             self._stage("small", self._run_answer, self._prepare_answer, small) if small is not None else None
         )
         self.metrics = ServeMetrics(lambda: self.in_flight, self.stages)
+        self.cascade = cfg.cascade_spec()
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -255,14 +257,47 @@ class DuetService:
             # result is set after its tokens, through the same loop, so it cannot overtake them).
             return lambda output: loop.call_soon_threadsafe(events.put_nowait, (index, kind, output))
 
-        outcome = await self.think(chat, sink("large"), index)
-        if events is not None:
-            events.put_nowait((index, "signal", outcome))
-        if self.cfg.role == "duet":
-            outcome = await self.answer(chat, outcome, sink("small"), index)
+        kept = await self.first_answer(chat, index) if self.cascade is not None else None
+        if kept is not None and not kept.large_called:
+            outcome = kept  # m's own answer stands: it goes out whole with "done" (never streamed, see below)
+        else:
+            outcome = await self.think(chat, sink("large"), index)
+            if events is not None:
+                events.put_nowait((index, "signal", outcome))
+            if self.cfg.role == "duet":
+                outcome = await self.answer(chat, outcome, sink("small"), index)
+            if kept is not None:
+                outcome.large_called, outcome.confidence, outcome.spent = True, kept.confidence, kept.spent
         if events is not None:
             events.put_nowait((index, "done", outcome))
         return outcome
+
+    async def first_answer(self, chat: ParsedChat, index: int) -> DuetOutcome:
+        """The cascade's first pass (`duetlm.cascade`): m answers alone, not streamed (it may be
+        rejected), with the votes its estimator asks for; `large_called` says whether M is needed.
+        Kept, it is the choice's outcome; rejected, its generations are `spent`."""
+        assert self.cascade is not None and self.small_stage is not None
+        estimator = ESTIMATORS[self.cascade.estimator]
+        params = self._sampling(chat, chat.max_tokens, chat.stop, index, logprobs=True)
+        vote = replace(params, temperature=VOTE_TEMPERATURE, logprobs=False, top_logprobs=0)
+        seeds = [
+            None if vote.seed is None else (vote.seed + 1 + j) % 2**63 for j in range(self.cascade.votes)
+        ]
+        payload = (chat.question, "")
+        try:
+            first, *votes = await asyncio.gather(
+                self.small_stage.submit(stage_key(params), payload, None),
+                *(self.small_stage.submit(stage_key(replace(vote, seed=s)), payload, None) for s in seeds),
+            )
+        except ApiError:
+            raise
+        except Exception as err:
+            raise upstream_error(err) from err
+        confidence = estimator.confidence(first.text, first.logprobs, [v.text for v in votes])
+        called = calls_large(confidence, self.cascade.threshold)
+        spent = [first, *votes] if called else votes
+        kept = protocol.Signal("", complete=True)
+        return DuetOutcome(None, kept, first, large_called=called, confidence=confidence, spent=spent)
 
     async def run_all(
         self, chat: ParsedChat, events: asyncio.Queue[Event] | None = None
