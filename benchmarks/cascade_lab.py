@@ -57,7 +57,7 @@ def run_seed(task: str, seed: int, out: Path, cache: Path) -> dict[str, dict[str
             "large_tokens": m.large_tokens,
             "small_tokens": m.small_tokens,
             "large_call_rate": m.large_call_rate if m.large_call_rate is not None else float("nan"),
-            "compute_mflop": (m.compute_flops or 0.0) / 1e6,
+            "compute_mflop": (m.compute_flops or 0.0) / m.samples / 1e6,  # per problem, M and m
         }
         for m in summary.metrics
     }
@@ -94,7 +94,7 @@ def main() -> None:
         f"Command: `python benchmarks/cascade_lab.py --task {args.task} --seeds {args.seeds} "
         f"--output {args.output}`; wall-clock {wall:.0f} s.",
         "",
-        "| method | accuracy | M tokens | m tokens | M called | compute (MFLOP) |",
+        "| method | accuracy | M tokens | m tokens | M called | compute per problem (MFLOP) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for m in order:
