@@ -51,6 +51,7 @@ def run_seed(task: str, seed: int, out: Path, cache: Path) -> dict[str, dict[str
         seed=seed,
     )
     summary = run_eval(ecfg, large_engine=large, small_engine=small, problems={"lab": data.test})
+    caught = called_where_m_wrong(out / f"seed{seed}")
     return {
         m.method: {
             "accuracy": m.accuracy,
@@ -58,9 +59,24 @@ def run_seed(task: str, seed: int, out: Path, cache: Path) -> dict[str, dict[str
             "small_tokens": m.small_tokens,
             "large_call_rate": m.large_call_rate if m.large_call_rate is not None else float("nan"),
             "compute_mflop": (m.compute_flops or 0.0) / m.samples / 1e6,  # per problem, M and m
+            "called_where_m_wrong": caught.get(m.method, float("nan")),
         }
         for m in summary.metrics
     }
+
+
+def called_where_m_wrong(folder: Path) -> dict[str, float]:
+    """Per routing method: the share of the problems m alone gets wrong on which it called M (the
+    "do no harm" check: a cascade must not keep m's wrong answers)."""
+    from duetlm.report import read_records
+
+    records = read_records(folder / "results.jsonl")
+    wrong = {r.problem_id for r in records if r.method == "small" and r.correct < 1}
+    out: dict[str, float] = {}
+    for method in {r.method for r in records if r.large_called is not None}:
+        calls = [r.large_called for r in records if r.method == method and r.problem_id in wrong]
+        out[method] = sum(calls) / len(calls) if calls else float("nan")
+    return out
 
 
 def cell(values: list[float], fmt: str) -> str:
@@ -85,17 +101,28 @@ def main() -> None:
     t0 = time.perf_counter()
     per_seed = {s: run_seed(args.task, s, out, Path(args.cache)) for s in seeds}
     wall = time.perf_counter() - t0
+    # A rerun resumes from the records: the evaluations' own time is what every invocation spent.
+    runs = [json.loads((out / f"seed{s}" / "run.json").read_text()).get("invocations", []) for s in seeds]
+    eval_s = sum(i.get("wall_s", 0.0) for inv in runs for i in inv)
     order = list(per_seed[seeds[0]])
-    stats = ("accuracy", "large_tokens", "small_tokens", "large_call_rate", "compute_mflop")
-    fmts = (".3f", ".1f", ".1f", ".2f", ".1f")
+    stats = (
+        "accuracy",
+        "large_tokens",
+        "small_tokens",
+        "large_call_rate",
+        "called_where_m_wrong",
+        "compute_mflop",
+    )
+    fmts = (".3f", ".1f", ".1f", ".2f", ".2f", ".1f")
     lines = [
         f"# Cascade on the lab task `{args.task}`: seeds {args.seeds}, warm-started pair, greedy",
         "",
         f"Command: `python benchmarks/cascade_lab.py --task {args.task} --seeds {args.seeds} "
-        f"--output {args.output}`; wall-clock {wall:.0f} s.",
+        f"--output {args.output}`; wall-clock {wall:.0f} s for this invocation, "
+        f"{eval_s:.0f} s of evaluation in all (the sum over `seed*/run.json`; a rerun resumes from the records).",
         "",
-        "| method | accuracy | M tokens | m tokens | M called | compute per problem (MFLOP) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | accuracy | M tokens | m tokens | M called | M called where m alone is wrong | compute per problem (MFLOP) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for m in order:
         cells = [cell([per_seed[s][m][k] for s in seeds], f) for k, f in zip(stats, fmts, strict=True)]

@@ -97,7 +97,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-def launch(cfg: TrainConfig, tmp_path: Path, name: str, nproc: int = 2, *extra: str) -> None:
+def launch(
+    cfg: TrainConfig, tmp_path: Path, name: str, nproc: int = 2, *extra: str, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(cfg.model_dump(mode="json")))
     env = dict(
@@ -118,7 +120,8 @@ def launch(cfg: TrainConfig, tmp_path: Path, name: str, nproc: int = 2, *extra: 
         *extra,
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert (r.returncode == 0) == ok, r.stderr[-4000:]
+    return r
 
 
 def assert_same_run(a: list[dict], b: list[dict]) -> None:
@@ -147,7 +150,8 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir, tiny_llama_dir):
     write_problems(tmp_path / "problems.jsonl")
     one = config(tmp_path, tiny_dir, tiny_llama_dir, "one")
     ref = DuetTrainer(one).train()
-    launch(config(tmp_path, tiny_dir, tiny_llama_dir, "two"), tmp_path, "two")
+    two = launch(config(tmp_path, tiny_dir, tiny_llama_dir, "two"), tmp_path, "two")
+    assert two.stdout.count("checkpoint ") == 1, two.stdout  # rank 0 reports, once
 
     a, b = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert_same_run(a, b)
@@ -179,6 +183,9 @@ def test_two_processes_train_like_one(tmp_path, tiny_dir, tiny_llama_dir):
         "distributed.strategy=fsdp",
     )
     assert_same_run(a, read_jsonl(tmp_path / "fsdp" / "metrics.jsonl"))
+    # Launched again on a run directory with checkpoints and no --resume: every rank refuses, one says so.
+    again = launch(config(tmp_path, tiny_dir, tiny_llama_dir, "fsdp"), tmp_path, "fsdp-again", 2, ok=False)
+    assert again.stderr.count("error: run directory") == 1, again.stderr[-4000:]
     assert_close_weights(ref.checkpoint, latest_checkpoint(tmp_path / "fsdp"))
     # Its checkpoint holds whole weights and whole AdamW states: 1 process continues it.
     fsdp_at_2 = tmp_path / "fsdp" / "checkpoints" / "step_000002"

@@ -116,13 +116,16 @@ def test_parse_method_names_and_caps():
     assert (spec.name, spec.kind, spec.cap) == ("truncation:3072", "truncation", 3072)
     assert parse_method("truncation:0100").name == "truncation:100"
     assert split_list(["duet, original", "duet,,small"]) == ["duet", "original", "small"]
-    assert set(METHODS) == {"duet", "original", "truncation", "prompt", "small", "cascade"}
+    assert set(METHODS) == {"duet", "original", "truncation", "prompt", "small", "small-at-once", "cascade"}
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("beam", "unknown method 'beam'; valid methods: duet, original, truncation:T, prompt, small"),
+        (
+            "beam",
+            "unknown method 'beam'; valid methods: duet, original, truncation:T, prompt, small, small-at-once",
+        ),
         ("truncation:abc", "cap must be a positive whole number"),
         ("truncation", "cap must be a positive whole number"),
         ("truncation:0", "cap must be a positive whole number"),

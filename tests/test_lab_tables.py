@@ -43,6 +43,7 @@ def test_outputs_over_seeds(grid):
     for name in (
         "original",
         "m alone",
+        "m alone answering at once",
         "prompt",
         "DUET (untrained pair)",
         "DUET",
@@ -65,6 +66,9 @@ def test_outputs_over_seeds(grid):
     assert sum(c["problems"] for c in by_k.values()) == 24
     assert sum(c["accuracy"] * c["problems"] for c in by_k.values()) / 24 == pytest.approx(row["accuracy"])
     assert all(c["minimal_words"] == 3 * max(0, int(k) - 3) for k, c in by_k.items())
+    # answering at once, m has room for one boxed value only (the lab vocabulary cannot spell `\\boxed{`)
+    at_once = next(u for u in res["units"] if u["unit"] == "baselines" and u["seed"] == 0)
+    assert at_once["methods"]["m alone answering at once"]["small_tokens"] == 1  # the box is one word here
     md = (root / "out" / "tables.md").read_text()
     assert "| DUET | 2 |" in md and " ± " in md and "minimal sufficient signal" in md and "wall-clock" in md
     assert "## Claims of the paper" in md and "| −MU lowers accuracy | 0.85 → 0.67 | — | not run |" in md

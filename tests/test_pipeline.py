@@ -52,6 +52,18 @@ def test_small_only_is_m_with_an_empty_thinking_block(pipe):
         assert r.signal == protocol.Signal("", True) and r.large is None
 
 
+def test_small_at_once_begins_m_s_answer_with_the_box(pipe):
+    results = pipe.small_only(QUESTIONS, at_once=True)
+    prompts = pipe.answer_prompts(QUESTIONS, [None] * 3, at_once=True)
+    assert prompts == [p + protocol.ANSWER_AT_ONCE for p in pipe.answer_prompts(QUESTIONS, [None] * 3)]
+    forced = [gs[0] for gs in pipe.answer(QUESTIONS, [None] * 3, at_once=True)]
+    free = [gs[0] for gs in pipe.answer(QUESTIONS, [None] * 3)]
+    assert [y.text for y in forced] != [y.text for y in free]  # the prefix changes what m writes
+    for r, y in zip(results, forced, strict=True):
+        assert r.answer == (protocol.ANSWER_AT_ONCE + y.text).strip() and r.answer.startswith("\\boxed{")
+        assert (r.small_tokens, r.large_tokens) == (y.num_tokens, 0)
+
+
 def test_original_grades_the_whole_text_when_thinking_never_closes(make_pipeline):
     # Sampled, so the tiny M writes text rather than greedy newlines; seeded, so `respond` repeats it.
     pipe = make_pipeline(signal_tokens=10, answer_tokens=6, temperature=1.0, seed=0)

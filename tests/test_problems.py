@@ -166,7 +166,8 @@ def test_unreachable_hub_says_so_and_names_the_offline_mirror(
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # the hub's own offline mode
     monkeypatch.delenv("DUETLM_DATA_DIR", raising=False)
     with pytest.raises(
-        DataError, match=r"Hub is unreachable.*DUETLM_DATA_DIR \(or --data-dir\).*math500\.jsonl"
+        DataError,
+        match=r"HF_HUB_OFFLINE.*is set and no cached copy.*DUETLM_DATA_DIR \(or --data-dir\).*math500\.jsonl",
     ):
         load_problems("math500")
     # A data dir without the file: the message says where it looked.
@@ -369,6 +370,30 @@ def test_cli_data_errors_and_skipped_rows(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "warning: " in result.output and "skipped 1 bad row" in result.output
     assert "1 problems" in result.output
+
+
+def test_cli_data_reads_a_source_as_eval_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from duetlm.problems import load_benchmark
+
+    runner = CliRunner()
+    # gsm8k: the test split by default (eval's), train only when asked; read from the mirror.
+    write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": "What is 2 + 2?", "answer": "work #### 4"}])
+    result = runner.invoke(app, ["data", "show", "gsm8k", "--data-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["id"] == "gsm8k-test-0"
+    # the train split is not mirrored: with the Hub switched off that is an error at once, naming the file
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for args in (["gsm8k@train"], ["gsm8k", "--split", "train"]):
+        result = runner.invoke(app, ["data", "stats", *args, "--data-dir", str(tmp_path)])
+        assert result.exit_code == 1 and "HF_HUB_OFFLINE" in result.output, result.output
+        assert "gsm8k_train.jsonl" in result.output and "Traceback" not in result.output
+    # lab:<task>, as train and eval take it
+    result = runner.invoke(app, ["data", "show", "lab:chain", "--limit", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = [json.loads(line) for line in result.output.splitlines()]
+    assert [s["id"] for s in shown] == [p.id for p in load_benchmark("lab:chain", limit=2)]
+    result = runner.invoke(app, ["data", "stats", "lab:nonsense"])
+    assert result.exit_code == 1 and "chain" in result.output and "mix" in result.output, result.output
 
 
 def test_kinds_of_fixtures_add_up() -> None:

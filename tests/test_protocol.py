@@ -119,3 +119,18 @@ def test_split_response():
 )
 def test_own_answer_is_what_m_alone_is_graded_on(text, graded):
     assert protocol.own_answer(text) == graded
+
+
+def test_answering_at_once_by_prefix_or_by_cap(qwen_tokenizer):
+    from duetlm.lab.recipes import build_tokenizer
+    from duetlm.lab.task import MIX_TASK, TaskSpec
+
+    # Qwen's BPE spells the box's opening: m's prompt ends with it, and the answer begins with it.
+    assert protocol.at_once_by_prefix(qwen_tokenizer)
+    prompt = protocol.small_prompt(qwen_tokenizer, "What is 2 + 2?", at_once=True)
+    assert prompt == protocol.small_prompt(qwen_tokenizer, "What is 2 + 2?") + protocol.ANSWER_AT_ONCE
+    assert protocol.answer_text("4}", prefixed=True) == "\\boxed{4}"
+    # The lab's word vocabulary holds `\boxed{v}` only as whole words: no prefix, room for one word.
+    lab = build_tokenizer(TaskSpec(**MIX_TASK))
+    assert not protocol.at_once_by_prefix(lab) and protocol.at_once_cap(lab) == 1
+    assert protocol.small_prompt(lab, "3 S1 +1", at_once=True) == protocol.small_prompt(lab, "3 S1 +1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -39,6 +40,11 @@ def _root() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _is_rank0() -> bool:
+    """Whether this is the process that speaks: rank 0 of a torchrun / accelerate launch, or the only one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn `DuetError` (and missing files) into `error: ...` on stderr and exit code 1."""
 
@@ -47,7 +53,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (DuetError, FileNotFoundError) as err:
-            typer.echo(f"error: {err}", err=True)
+            if _is_rank0():  # under torchrun / accelerate every process fails alike: say it once
+                typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -107,7 +114,8 @@ def train(
 
     cfg = load_config(TrainConfig, config, set_)
     result = run_training(cfg, resume=resume, run_dir=run_dir)
-    typer.echo(f"step {result.step}/{cfg.run.steps}; checkpoint {result.checkpoint}")
+    if _is_rank0():
+        typer.echo(f"step {result.step}/{cfg.run.steps}; checkpoint {result.checkpoint}")
     if result.stop_signum is not None:
         raise typer.Exit(128 + result.stop_signum)
 
@@ -184,9 +192,14 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 _SourceArg = Annotated[
-    str, typer.Argument(help="registered name (math500, ...), hub id, or .jsonl/.json/.parquet/.csv file")
+    str,
+    typer.Argument(
+        help="registered name (math500, gsm8k, ...; NAME@SPLIT), lab:<task>, hub id, or .jsonl/.json/.parquet/.csv file"
+    ),
 ]
-_SplitOpt = Annotated[str | None, typer.Option(help="split (registered names have a default)")]
+_SplitOpt = Annotated[
+    str | None, typer.Option(help="split (default: as duetlm eval reads it: test where the source has one)")
+]
 _DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="offline mirror (or $DUETLM_DATA_DIR)")]
 _SkipOpt = Annotated[bool, typer.Option("--skip-bad-rows", help="skip bad rows with a warning, don't fail")]
 _FieldOpt = Annotated[str | None, typer.Option(help="column of a hub id or file (dotted: nested field)")]
@@ -200,14 +213,16 @@ def _cli_problems(
     skip_bad_rows: bool,
     fields: dict[str, str | None],
 ) -> list[Any]:
-    """`load_problems` for the data commands; skipped-row warnings become one `warning:` line each."""
+    """The data commands read a source as `duetlm eval` does (`problems.load_benchmark`: a registered
+    name's test split by default, `NAME@SPLIT`, `lab:<task>`); skipped-row warnings become one
+    `warning:` line each."""
     import warnings
 
-    from duetlm.problems import load_problems
+    from duetlm.problems import load_benchmark
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        problems = load_problems(
+        problems = load_benchmark(
             source,
             split=split,
             limit=limit,

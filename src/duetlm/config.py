@@ -8,6 +8,8 @@ key instead of a silently ignored option. `load_config(cls, path, overrides)` re
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -64,16 +66,22 @@ class ModelConfig(Strict):
     engine: Literal["hf", "vllm", "remote"] = Field("hf", description="generation engine")
     url: str | None = Field(None, description="base URL of an OpenAI-compatible server (engine: remote)")
     lora: bool = Field(False, description="train a LoRA adapter instead of all weights")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory)"
+    )
 
 
 class SamplingConfig(Strict):
     """Decoding options for one model (see `duetlm.engines.SamplingParams`)."""
 
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="nucleus sampling: keep the top tokens of this mass"
+    )
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0: all)")
+    max_new_tokens: int = Field(
+        256, ge=1, description="cap on generated tokens (M: on the signal z; m: on the answer)"
+    )
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -112,16 +120,56 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
+def section_class(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds (directly or as `X | None`), else None (a leaf)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
+def section_keys(cls: type[BaseModel], section: tuple[Any, ...]) -> list[str] | None:
+    """The keys directly under `section` of `cls` (`("rollout",)` -> n, n_small, large, ...), or None
+    when the path names no section."""
+    for part in section:
+        field = cls.model_fields.get(str(part))
+        sub = section_class(field.annotation) if field is not None else None
+        if sub is None:
+            return None
+        cls = sub
+    return list(cls.model_fields)
+
+
+def _got(value: Any) -> str:
+    """The offending value, short: a scalar as given; never a whole section (or the whole config)."""
+    if isinstance(value, (dict, list, tuple)):
+        return ""
+    text = repr(value)
+    return f" (got {text[:80]}{'...' if len(text) > 80 else ''})"
+
+
+def format_validation_error(err: ValidationError, origin: str, cls: type[BaseModel] | None = None) -> str:
+    """One line per problem, naming the key and the fix: an unknown key lists its section's valid
+    keys (from `cls`); a value names what it got, never the whole config."""
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (check the spelling; see the config reference in README)")
+            where = ".".join(str(p) for p in e["loc"][:-1])
+            valid = section_keys(cls, tuple(e["loc"][:-1])) if cls is not None else None
+            hint = (
+                f"; valid keys {'in ' + where if where else 'at the top level'}: {', '.join(valid)}"
+                if valid
+                else ""
+            )
+            lines.append(f"  {loc}: unknown key{hint} (every key: docs/config.md)")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}{_got(e.get('input'))}")
     return "\n".join(lines)
 
 
@@ -130,7 +178,7 @@ def build_config(cls: type[T], data: dict[str, Any], origin: str = "<dict>") -> 
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, origin)) from None
+        raise ConfigError(format_validation_error(err, origin, cls)) from None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -99,6 +99,12 @@ METHODS: dict[str, MethodDef] = {
         uses_large=False,
         uses_small=True,
     ),
+    "small-at-once": MethodDef(
+        "m alone answering at once: its answer begins with the box, no reasoning of its own",
+        lambda pipe, qs, spec, seed: pipe.small_only(qs, seed=seed, at_once=True),
+        uses_large=False,
+        uses_small=True,
+    ),
     "cascade": MethodDef(
         "m answers alone; M's signal, then m again, only where m's confidence is below T",
         lambda pipe, qs, spec, seed: pipe.cascade(qs, spec.cascade, seed=seed),
@@ -268,43 +274,11 @@ def _check_resumable(previous: dict[str, Any], cfg: EvalConfig, out_dir: Path) -
 # Work
 
 
-def benchmark_split(name: str) -> tuple[str, str | None]:
-    """`NAME@SPLIT` -> (NAME, SPLIT). Without `@`, a registered name with a test split gets it (an
-    evaluation reads held-out problems: `gsm8k` defaults to train as a training set), others their
-    loader's default (None)."""
-    from duetlm.problems import REGISTRY
-
-    source, sep, split = name.rpartition("@")
-    if sep and source and split:
-        return source, split
-    spec = REGISTRY.get(name)
-    if spec is not None and "test" in spec.splits:
-        return name, "test"
-    return name, None
-
-
 def load_benchmark(name: str, limit: int | None, data_dir: str | None) -> list[Problem]:
-    """The problems of a benchmark through `problems.load_problems` (its errors name what is wrong).
+    """The problems of a benchmark (`problems.load_benchmark`: its errors name what is wrong)."""
+    from duetlm.problems import load_benchmark as load
 
-    `name`: a registered name, a file, a hub id, optionally `@SPLIT` (`gsm8k@test`; see
-    `benchmark_split`), or a `PREFIX:NAME` data source (`problems.load_source`: `lab:<task>`).
-    """
-    from duetlm.problems import load_problems
-
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise DuetError(f"--data-dir {data_dir}: no such directory")
-    prefix, sep, _ = name.partition(":")
-    if sep and prefix.isidentifier() and not Path(name).exists():
-        # `PREFIX:NAME` data sources (`lab:<task>`): evaluate on what the trainer trains on.
-        from duetlm.problems import load_source
-
-        source, split = name.rpartition("@")[::2] if "@" in name else (name, None)
-        return load_source(source, split=split, limit=limit)
-    source, split = (name, None) if Path(name).exists() else benchmark_split(name)
-    problems = load_problems(source, split=split, limit=limit, data_dir=data_dir)
-    if not problems:
-        raise DuetError(f"benchmark {name!r} has no problems")
-    return list(problems)
+    return load(name, limit=limit, data_dir=data_dir)
 
 
 @dataclass(frozen=True)

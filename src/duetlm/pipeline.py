@@ -110,10 +110,15 @@ class DuetPipeline:
         `protocol.own_answer`."""
         return self.large.generate(self.think_prompts(questions, instruction), self.respond_params())
 
-    def answer_prompts(self, questions: list[str], signals: list[str | None]) -> list[str]:
-        """m's prompts for (x, z) pairs (what `answer` generates from)."""
+    def answer_prompts(
+        self, questions: list[str], signals: list[str | None], at_once: bool = False
+    ) -> list[str]:
+        """m's prompts for (x, z) pairs (what `answer` generates from); `at_once`: see
+        `protocol.small_prompt`."""
         tok = _tokenizer(self.small)
-        return [protocol.small_prompt(tok, q, z) for q, z in zip(questions, signals, strict=True)]
+        return [
+            protocol.small_prompt(tok, q, z, at_once=at_once) for q, z in zip(questions, signals, strict=True)
+        ]
 
     def answer(
         self,
@@ -121,12 +126,20 @@ class DuetPipeline:
         signals: list[str | None],
         n: int | None = None,
         on_token: OutputCallback | None = None,
+        at_once: bool = False,
     ) -> list[list[Generation]]:
-        """Stage 2: m's answers to (x, z); a `None` signal gives m alone (the unguided baseline)."""
+        """Stage 2: m's answers to (x, z); a `None` signal gives m alone (the unguided baseline).
+        `at_once`: m's answer is forced to begin with the box (`protocol.ANSWER_AT_ONCE`, not part of
+        the generations' text), or, where the vocabulary cannot spell the prefix, capped at one boxed
+        value (`protocol.at_once_cap`)."""
         if self.small is None:
             raise DuetError("this pipeline has no small model m: it can only run M alone (respond)")
         params = self.small_sampling if n is None else replace(self.small_sampling, n=n)
-        return generate_streaming(self.small, self.answer_prompts(questions, signals), params, on_token)
+        if at_once and not protocol.at_once_by_prefix(_tokenizer(self.small)):
+            cap = protocol.at_once_cap(_tokenizer(self.small))
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, cap))
+        prompts = self.answer_prompts(questions, signals, at_once=at_once)
+        return generate_streaming(self.small, prompts, params, on_token)
 
     def run(self, questions: list[str], seed: int | None = None) -> list[DuetResult]:
         """Each question through M -> z -> m, one sample each (greedy unless the sampling says not).
@@ -254,20 +267,24 @@ class DuetPipeline:
             for q, s, g, a in zip(questions, signals, thoughts, answers, strict=True)
         ]
 
-    def small_only(self, questions: list[str], seed: int | None = None) -> list[DuetResult]:
+    def small_only(
+        self, questions: list[str], seed: int | None = None, at_once: bool = False
+    ) -> list[DuetResult]:
         """m alone: m's prompt without a signal (its thinking block empty), as in the unguided term
-        of marginal utility. No M tokens."""
+        of marginal utility. No M tokens. `at_once`: m must answer at once, its answer begun with the
+        box, so it cannot reason first (Table 1's small model answering directly)."""
         _check_questions(questions)
         pipe = self.seeded(seed)
         t0 = time.perf_counter()
-        outs = [gs[0] for gs in pipe.answer(questions, [None] * len(questions), n=1)]
+        outs = [gs[0] for gs in pipe.answer(questions, [None] * len(questions), n=1, at_once=at_once)]
+        prefixed = at_once and protocol.at_once_by_prefix(_tokenizer(self.small))
         elapsed = time.perf_counter() - t0
         timings = _timings(0.0, elapsed, len(questions))
         return [
             DuetResult(
                 question=q,
                 signal=protocol.Signal("", complete=True),
-                answer=y.text.strip(),
+                answer=protocol.answer_text(y.text, prefixed=prefixed),
                 large_tokens=0,
                 small_tokens=y.num_tokens,
                 large_finish="",

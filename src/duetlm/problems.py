@@ -592,6 +592,8 @@ def _hub_rows(
         text = f"{type(err).__name__}: {err}"
         if "gated" in text.lower() or "401" in text or "403" in text:
             reason = "it is gated and the token has no access (accept its terms on the dataset's page)"
+        elif "OfflineModeIsEnabled" in text:
+            reason = "HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) is set and no cached copy exists"
         elif isinstance(err, (ConnectionError, OSError)) or "offline" in text.lower():
             reason = "the Hugging Face Hub is unreachable"
         else:
@@ -660,6 +662,19 @@ def _load_registered(
         spec.hub_id, spec.hub_config, spec.splits[split], gated=spec.gated, mirror_hint=hint
     )
     return _collect(rows, collector(where))
+
+
+def benchmark_split(name: str) -> tuple[str, str | None]:
+    """`NAME@SPLIT` -> (NAME, SPLIT). Without `@`, a registered name with a test split gets it (an
+    evaluation reads held-out problems: `gsm8k` defaults to train as a training set), others their
+    loader's default (None)."""
+    source, sep, split = name.rpartition("@")
+    if sep and source and split:
+        return source, split
+    spec = REGISTRY.get(name)
+    if spec is not None and "test" in spec.splits:
+        return name, "test"
+    return name, None
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -782,3 +797,28 @@ def load_source(
     if bad is not None:
         raise DataError(f"data source {source!r} returned {type(bad).__name__}, not duetlm.problems.Problem")
     return found
+
+
+def load_benchmark(
+    name: str,
+    split: str | None = None,
+    limit: int | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> list[Problem]:
+    """A source as `duetlm eval` and `duetlm data` name it: a registered name (its test split when it
+    has one: see `benchmark_split`), a file, a hub id, `NAME@SPLIT`, or a `PREFIX:NAME` data source
+    (`load_source`: `lab:<task>`, `lab:mix@test`). `split` overrides the one the name implies;
+    `options` go to `load_problems` (column names, `on_error`). An empty result is a `DataError`."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {os.fspath(data_dir)}: no such directory")
+    prefix, sep, _ = name.partition(":")
+    if sep and prefix.isidentifier() and not Path(name).exists():
+        # `PREFIX:NAME` data sources (`lab:<task>`): what the trainer trains on.
+        source, implied = name.rpartition("@")[::2] if "@" in name else (name, None)
+        return load_source(source, split=split or implied, limit=limit)
+    source, implied = (name, None) if Path(name).exists() else benchmark_split(name)
+    problems = load_problems(source, split=split or implied, limit=limit, data_dir=data_dir, **options)
+    if not problems:
+        raise DataError(f"source {name!r} has no problems")
+    return list(problems)

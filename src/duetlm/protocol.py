@@ -38,6 +38,8 @@ from duetlm.errors import DuetError
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# m's answer forced to start with the box: it commits to a value before writing any reasoning.
+ANSWER_AT_ONCE = "\\boxed{"
 LARGE_INSTRUCTION = " Let's think step by step and output the final answer within \\boxed{}."
 CONCISE_INSTRUCTION = (
     " Note that you should keep the reasoning concise: include only essential reasoning steps and "
@@ -201,11 +203,36 @@ def large_prompt(tokenizer: Any, question: str, instruction: str = LARGE_INSTRUC
     return large_chat_prompt(tokenizer, large_messages(question, instruction))
 
 
-def small_prompt(tokenizer: Any, question: str, signal: str | None = None) -> str:
-    """m's prompt, with z (`signal`) or without it (`None` or ""); one builder for both."""
+def small_prompt(tokenizer: Any, question: str, signal: str | None = None, at_once: bool = False) -> str:
+    """m's prompt, with z (`signal`) or without it (`None` or ""); one builder for both. `at_once`
+    ends it with `ANSWER_AT_ONCE` where the vocabulary spells it (`at_once_by_prefix`), so m writes
+    its final answer with no reasoning of its own (the "m alone, answering at once" baseline); the
+    answer then begins with that prefix (`answer_text`)."""
     _needs_local(tokenizer, "m's prompt")
     # enable_thinking=True keeps the template from inserting its own empty block; we insert ours.
-    return _chat(tokenizer, question, enable_thinking=True) + thinking_block(signal or "")
+    prompt = _chat(tokenizer, question, enable_thinking=True) + thinking_block(signal or "")
+    return prompt + ANSWER_AT_ONCE if at_once and at_once_by_prefix(tokenizer) else prompt
+
+
+def at_once_by_prefix(tokenizer: Any) -> bool:
+    """Whether m's answer can be begun with `ANSWER_AT_ONCE`: the vocabulary spells it with no unknown
+    token (BPE vocabularies do). The lab's word-level vocabulary holds `\\boxed{v}` only as whole
+    words; there m answers at once by having room for one boxed value only (`at_once_cap`)."""
+    ids = tokenizer(ANSWER_AT_ONCE, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return bool(ids) and unk not in ids and tokenizer.decode(ids) == ANSWER_AT_ONCE
+
+
+def at_once_cap(tokenizer: Any) -> int:
+    """m's answer cap when it must answer at once without the prefix: the tokens of one boxed digit,
+    so the box has to come first or there is no answer."""
+    return len(tokenizer("\\boxed{0}", add_special_tokens=False)["input_ids"])
+
+
+def answer_text(generated: str, prefixed: bool = False) -> str:
+    """m's answer as graded: what it generated, stripped, behind `ANSWER_AT_ONCE` when the prompt
+    ended with it (so the box is whole)."""
+    return (ANSWER_AT_ONCE + generated).strip() if prefixed else generated.strip()
 
 
 def large_answer_prompt(

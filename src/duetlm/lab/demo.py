@@ -58,7 +58,7 @@ class TaskConfig(Strict):
     """The lab task (`duetlm.lab.task.TaskSpec`): difficulty and verbosity of M's warm-start traces."""
 
     steps: int = Field(6, ge=2, description="operations per problem (difficulty)")
-    modulus: int = Field(10, ge=3, le=100)
+    modulus: int = Field(10, ge=3, le=100, description="arithmetic modulo this (values are digits at 10)")
     style: str = Field("split", description="split | merged (how steps are written; see lab/task.py)")
     p_open: float = Field(0.8, ge=0, lt=1, description="P(restate the start)")
     p_restate: float = Field(0.7, ge=0, lt=1, description="P(restate the value after a step)")
@@ -111,7 +111,7 @@ class RLSettings(Strict):
       per_prompt is the cheapest estimate for the logged marginal utility.
     """
 
-    steps: int = Field(80, ge=1)
+    steps: int = Field(80, ge=1, description="RL steps of DUET training")
     schedule: str = Field("joint", description="joint | alternate | frozen_small")
     val_every: int = Field(10, ge=0, description="greedy validation every N steps")
     rollout: RolloutConfig = Field(
@@ -140,7 +140,7 @@ class RLSettings(Strict):
 class DemoConfig(Strict):
     """Everything `duetlm demo` does, with the defaults that meet the issue's targets on a 2-core CPU."""
 
-    seed: int = 0
+    seed: int = Field(0, description="seed of the training problems, the warm start and RL")
     threads: int = Field(
         1, ge=1, description="torch threads (2 is faster on an idle 2-core machine, far slower on a busy one)"
     )

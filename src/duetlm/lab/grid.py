@@ -31,6 +31,9 @@ from duetlm.lab.demo import DemoConfig, Row
 
 BASELINES = "baselines"
 GRID_VERSION = 2  # bump when a unit's result changes meaning (its cache entries are then recomputed)
+# Bump when `baselines` gains or changes a method: only the baselines units are recomputed, and the
+# trained variants stay cached as long as what they take from them (T0) is unchanged.
+BASELINES_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ def unit_key(spec: GridSpec, unit: Unit, inputs: dict[str, Any]) -> str:
     units it uses, and the grid's version."""
     shared = {k: v for k, v in asdict(spec).items() if k != "cache"}
     payload = {"version": GRID_VERSION, "spec": shared, "unit": asdict(unit), "inputs": inputs}
+    if unit.name == BASELINES:
+        payload["baselines_version"] = BASELINES_VERSION
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

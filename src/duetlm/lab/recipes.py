@@ -14,10 +14,10 @@ from duetlm.lab.task import TaskSpec
 class ModelRecipe(Strict):
     """A tiny causal LM's shape (`duetlm.models.tiny_model`)."""
 
-    arch: Literal["qwen3", "llama"] = "qwen3"
-    hidden_size: int = Field(256, ge=16)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
+    arch: Literal["qwen3", "llama"] = Field("qwen3", description="transformers architecture")
+    hidden_size: int = Field(256, ge=16, description="model width")
+    num_layers: int = Field(4, ge=1, description="decoder layers")
+    num_heads: int = Field(4, ge=1, description="attention heads")
     intermediate_size: int | None = Field(None, description="MLP width; default 4 x hidden_size")
 
 

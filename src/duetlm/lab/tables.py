@@ -33,7 +33,7 @@ TITLES = {
     "ablation": "Ablations (paper §4.2.4-4.2.5, Figures 6 and 7), per-prompt GRPO advantages",
     "global": "The `global` advantage estimator (algorithm.md §2.1)",
 }
-BASELINE_ORDER = ["original", "m alone", "prompt", "DUET (untrained pair)"]
+BASELINE_ORDER = ["original", "m alone", "m alone answering at once", "prompt", "DUET (untrained pair)"]
 STATS = ("accuracy", "large_tokens", "small_tokens", "compute_mflop", "ipt")
 
 

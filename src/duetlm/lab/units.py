@@ -101,9 +101,14 @@ class Context:
         }
 
 
+AT_ONCE = "m alone answering at once"
+
+
 def baselines(ctx: Context, large0: Any, small0: Any) -> dict[str, Any]:
-    """m alone, the original M, budget forcing at 0.4 / 0.6 / 0.8 × T0, prompt-based, DUET untrained."""
+    """m alone (as it was taught: on `mix`, reasoning itself within its cap), m alone answering at
+    once, the original M, budget forcing at 0.4 / 0.6 / 0.8 × T0, prompt-based, DUET untrained."""
     methods = ctx.score("warm", large0, small0, ["small", "original"], rename={"small": "m alone"})
+    methods |= ctx.score("at-once", large0, small0, ["small-at-once"], rename={"small-at-once": AT_ONCE})
     t0 = methods["original"]["large_tokens"]
     # Named by the fraction, not the cap: T0 (so the cap) differs by a token between seeds, and a row
     # must hold the same method on every seed to be averaged.

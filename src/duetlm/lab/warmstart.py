@@ -44,13 +44,13 @@ Example = tuple[str, str]  # (prompt, completion): loss on the completion only
 class SFTConfig(Strict):
     """One warm-start run."""
 
-    steps: int = Field(400, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
+    steps: int = Field(400, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="examples per step")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps before the cosine decay")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr x this")
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
     bf16: bool | Literal["auto"] = Field(
         "auto",
         description="bf16 autocast for forward/backward (weights stay fp32); auto: where the CPU computes "
