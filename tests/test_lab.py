@@ -328,6 +328,10 @@ def test_quick_demo_results_structure(quick_run):
     ):
         assert (run / name).is_file(), name
     assert "accuracy" in output and "IPT" in output  # the table was printed
+    table = (run / "table.md").read_text()  # and saved, with each row of results.json and the targets
+    for name, row in results["methods"].items():
+        assert f"| {name} |" in table and f"| {row['accuracy']:.3f} |" in table, name
+    assert table.count("- met") + table.count("- NOT MET") == len(results["targets"])
 
 
 def test_quick_demo_second_run_uses_the_cache(quick_run):

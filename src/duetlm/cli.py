@@ -178,7 +178,7 @@ def report(
 @user_errors
 @config_options(ServeConfig, api_key={"envvar": "DUETLM_SERVE_API_KEY"})
 def serve(options: dict[str, Any]) -> None:
-    """Serve M -> z -> m (or M alone) as an OpenAI-compatible API: /v1/chat/completions, /v1/models, /health."""
+    """Serve M -> z -> m (or M alone) as an OpenAI-compatible API: /v1/chat/completions, /v1/models, /health, /metrics (Prometheus)."""
     from duetlm.config import build_config
     from duetlm.serve import run_server
 
