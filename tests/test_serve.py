@@ -348,6 +348,19 @@ def user(content="hi"):
         ({**user(), "n": 99}, 400, "n must be between 1 and 8"),
         ({**user(), "model": "gpt-9"}, 404, "model 'gpt-9' is not served here; this server serves 'duet'"),
         ([1, 2], 400, "the body must be a JSON object"),
+        # fields the server does not honour: a 400 naming them, never a 200 that ignored them
+        ({**user(), "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
+        (
+            {**user(), "tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            "tools is not supported",
+        ),
+        ({**user(), "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
+        ({**user(), "frequency_penalty": -1}, 400, "frequency_penalty is not supported"),
+        ({**user(), "logit_bias": {"42": 5}}, 400, "logit_bias is not supported"),
+        ({**user(), "repetition_penalty": 1.2}, 400, "repetition_penalty is not supported"),
+        ({**user(), "min_p": 0.1}, 400, "min_p is not supported"),
+        ({**user(), "best_of": 3}, 400, "unknown field 'best_of'; this server reads: model, messages,"),
     ],
 )
 def test_bad_requests_get_clear_4xx(duet_url, body, status, needle):
@@ -355,6 +368,58 @@ def test_bad_requests_get_clear_4xx(duet_url, body, status, needle):
     assert r.status_code == status
     err = r.json()["error"]
     assert needle in err["message"] and err["type"]
+
+
+def test_unsupported_fields_at_their_neutral_value_and_bookkeeping_fields_are_accepted(duet_url):
+    neutral = {
+        "response_format": {"type": "text"},
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "tools": [],
+        "tool_choice": "none",
+        "user": "someone",
+        "metadata": {"k": "v"},
+    }
+    plain = post(duet_url, {**user(), "max_tokens": 4})
+    r = post(duet_url, {**user(), "max_tokens": 4, **neutral})
+    assert r.status_code == 200 and plain.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
+def test_every_response_has_a_request_id_and_an_access_log_line(duet_url, client):
+    import logging
+
+    from duetlm.serve.app import ACCESS_LOG
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    ACCESS_LOG.addHandler(handler)
+    ACCESS_LOG.setLevel(logging.INFO)
+    try:
+        mine = post(duet_url, {**user(), "max_tokens": 4}, headers={"x-request-id": "trace-42"})
+        assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42"
+        fresh = [post(duet_url, {**user(), "max_tokens": 4}).headers["x-request-id"] for _ in range(2)]
+        assert len(set(fresh)) == 2 and all(re.fullmatch(r"[0-9a-f]{32}", f) for f in fresh)
+        forged = post(duet_url, {**user(), "max_tokens": 4}, headers={"x-request-id": 'x" injected'})
+        assert re.fullmatch(r"[0-9a-f]{32}", forged.headers["x-request-id"])  # not a plain token: replaced
+        assert (
+            httpx.get(duet_url + "/nowhere", headers={"x-request-id": "r404"}).headers["x-request-id"]
+            == "r404"
+        )
+        raw = client.chat.completions.with_raw_response.create(
+            model="duet", messages=[{"role": "user", "content": Q}], max_tokens=4, stream=True
+        )
+        streamed_id = raw.headers["x-request-id"]
+        list(raw.parse())
+    finally:
+        ACCESS_LOG.removeHandler(handler)
+    entries = [json.loads(line) for line in lines]
+    by_id = {e["request_id"]: e for e in entries}
+    assert by_id["trace-42"]["status"] == 200 and by_id["trace-42"]["path"] == "/v1/chat/completions"
+    assert by_id["r404"]["status"] == 404 and by_id[streamed_id]["stream"] is True
+    assert all(e["ms"] >= 0 and e["method"] in ("GET", "POST") for e in entries)
 
 
 def test_unparseable_and_oversized_bodies(duet_url, client):

@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
+import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,6 +30,11 @@ from duetlm.serve.openai import ERROR_SCHEMA, ApiError, ParsedChat, error_locati
 from duetlm.serve.service import DuetService, build_service
 
 CHAT_PATH = "/v1/chat/completions"
+REQUEST_ID = "x-request-id"
+# One JSON object per answered request (`identify`); `run_server` sends it to stderr.
+ACCESS_LOG = logging.getLogger("duetlm.access")
+# A client's own id is kept when it is a plain token (a log line must not be forged through it).
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 router = APIRouter()
 large_router = APIRouter()  # role large only
@@ -182,6 +190,30 @@ async def authorise(request: Request, call_next: Callable[[Request], Any]) -> An
     return await call_next(request)
 
 
+async def identify(request: Request, call_next: Callable[[Request], Any]) -> Any:
+    """The outermost layer: every response carries `x-request-id` (the client's, when it sent a plain
+    token of at most 128 characters; else a new one), and one JSON line goes to the access log with
+    the id, route, status and the time to the response's start (a stream's first byte, not its end)."""
+    sent = request.headers.get(REQUEST_ID, "")
+    request_id = sent if _CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+    request.state.request_id = request_id
+    started = time.perf_counter()
+    response = await call_next(request)
+    response.headers[REQUEST_ID] = request_id
+    if ACCESS_LOG.isEnabledFor(logging.INFO):
+        entry = {
+            "request_id": request_id,
+            "method": request.method,
+            "path": request.url.path,
+            "status": response.status_code,
+            "ms": round(1000 * (time.perf_counter() - started), 1),
+            "client": request.client.host if request.client else None,
+            "stream": response.headers.get("content-type", "").startswith("text/event-stream"),
+        }
+        ACCESS_LOG.info(json.dumps(entry))
+    return response
+
+
 async def count(request: Request, call_next: Callable[[Request], Any]) -> Any:
     """Every HTTP answer goes into the metrics (refused requests too: this wraps `authorise`)."""
     response = await call_next(request)
@@ -233,6 +265,7 @@ def create_app(service: DuetService) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.middleware("http")(count)  # added after `authorise`, so it wraps it
+    app.middleware("http")(identify)  # the last added is the outermost: 401s and 404s get an id too
     app.include_router(router)
     if cfg.role == "large":
         app.include_router(large_router)
@@ -298,5 +331,13 @@ def run_server(cfg: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(build_service(cfg))
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ACCESS_LOG.addHandler(handler)
+    ACCESS_LOG.setLevel(logging.INFO)
+    ACCESS_LOG.propagate = False
     # On SIGTERM, stop waiting for open requests after 10 s (the engine call in progress still ends).
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=10)
+    # uvicorn's own access lines are off: `identify` writes structured ones with the request id.
+    uvicorn.run(
+        app, host=cfg.host, port=cfg.port, log_level="info", access_log=False, timeout_graceful_shutdown=10
+    )

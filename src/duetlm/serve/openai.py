@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,8 +95,9 @@ class _StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The fields of an OpenAI chat-completions request that duetlm reads (others are ignored, as
-    vLLM does); `max_signal_tokens` and `top_k` are extensions."""
+    """The fields of an OpenAI chat-completions request that duetlm reads; `max_signal_tokens` and
+    `top_k` are extensions. Any other field is refused with a 400 (`_refuse_unread_fields`), except
+    the API's bookkeeping fields (`WITHOUT_EFFECT`) and unsupported ones at their neutral value."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -178,9 +180,59 @@ def _bounded(value: int | None, default: int, name: str, limit: int) -> int:
     return value
 
 
+# OpenAI request fields duetlm does not implement: each is accepted at its neutral value (what the
+# API does without it) and otherwise refused with a 400 naming it, so that no client gets a 200 that
+# silently ignored what it asked for (JSON mode, tools, penalties, biases).
+NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: v in (None, []),
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "logit_bias": lambda v: v is None or v == {},
+    "presence_penalty": lambda v: v is None or v == 0,
+    "frequency_penalty": lambda v: v is None or v == 0,
+    "repetition_penalty": lambda v: v is None or v == 1,
+    "min_p": lambda v: v is None or v == 0,
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v is None or v == ["text"],
+    "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+}
+# Bookkeeping fields of the OpenAI API: accepted, and without effect on the answer.
+WITHOUT_EFFECT = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "safety_identifier",
+        "prompt_cache_key",
+    }
+)
+
+
+def _refuse_unread_fields(data: dict[str, Any]) -> None:
+    """A 400 for a field this server would not honour: unsupported at a non-neutral value, or unknown."""
+    for key, value in data.items():
+        if key in NEUTRAL and not NEUTRAL[key](value):
+            raise ApiError(
+                400, f"{key} is not supported by this server (got {value!r}); leave it unset", param=key
+            )
+        if key not in NEUTRAL and key not in WITHOUT_EFFECT and key not in ChatRequest.model_fields:
+            raise ApiError(
+                400,
+                f"unknown field {key!r}; this server reads: {', '.join(ChatRequest.model_fields)}",
+                param=key,
+            )
+
+
 def _validated(data: Any) -> ChatRequest:
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object (got {type(data).__name__})")
+    _refuse_unread_fields(data)
     if "messages" not in data:
         raise ApiError(400, "messages is required: a list of {role, content} objects", param="messages")
     try:
