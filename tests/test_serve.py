@@ -824,3 +824,75 @@ def test_a_batcher_that_never_started_stops_cleanly():
             return result
 
         assert asyncio.run(start_submit_stop()) == "payload"
+
+
+def test_the_signal_cache_reuses_m_for_identical_greedy_requests(engines):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cfg = ServeConfig(
+        large="M", small="m", signal_cache=8, max_signal_tokens=SIGNAL_TOKENS, max_answer_tokens=6
+    )
+    server = start(cfg, *engines)
+
+    def m_requests() -> int:
+        return httpx.get(server.url + "/health").json()["stages"]["large"]["requests"]
+
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": Q}]
+        first = c.chat.completions.create(model="duet", messages=msgs)
+        before = m_requests()
+        again = c.chat.completions.create(model="duet", messages=msgs)
+        assert m_requests() == before  # M was not called
+        assert again.choices[0].message.content == first.choices[0].message.content
+        assert again.choices[0].message.reasoning_content == first.choices[0].message.reasoning_content
+        assert (
+            again.model_extra["duet"]["signal_cached"] is True
+            and "signal_cached" not in first.model_extra["duet"]
+        )
+        # streamed, a cached signal arrives as one reasoning delta; the deltas add up to the same response
+        chunks = list(c.chat.completions.create(model="duet", messages=msgs, stream=True))
+        reasoning = "".join(
+            getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks if ch.choices
+        )
+        content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert (reasoning, content) == (
+            first.choices[0].message.reasoning_content,
+            first.choices[0].message.content,
+        )
+        assert m_requests() == before
+        # other sampling options, or sampling at all, run M
+        c.chat.completions.create(model="duet", messages=msgs, extra_body={"max_signal_tokens": 5})
+        c.chat.completions.create(model="duet", messages=msgs, temperature=1.0, seed=1)
+        assert m_requests() == before + 2
+        text = httpx.get(server.url + "/metrics").text
+    finally:
+        server.__exit__()
+    counts = {
+        s.labels["result"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "duetlm_signal_cache"
+        for s in f.samples
+        if s.name.endswith("_total")
+    }
+    assert counts == {"hit": 2.0, "miss": 2.0}  # the sampled request neither hits nor stores
+
+
+def test_the_signal_cache_is_a_bounded_lru():
+    from duetlm.engines.base import Generation
+    from duetlm.serve.cache import SignalCache, cache_key
+
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8, seed=3)
+    assert cache_key("q", greedy) == cache_key("q", replace(greedy, seed=4))  # greedy ignores the seed
+    assert cache_key("q", replace(greedy, temperature=0.7)) is None
+    cache = SignalCache(2)
+    gen = {q: Generation(prompt_index=0, token_ids=[1], text=q, finish_reason="stop") for q in "abc"}
+    for q in "ab":
+        cache.put(cache_key(q, greedy), gen[q])
+    assert cache.get(cache_key("a", greedy)) is gen["a"]  # a is now the most recent
+    cache.put(cache_key("c", greedy), gen["c"])  # evicts b, the least recently used
+    assert len(cache) == 2 and cache.get(cache_key("b", greedy)) is None
+    assert cache.get(cache_key("a", greedy)) is gen["a"] and cache.get(cache_key("c", greedy)) is gen["c"]
+    off = SignalCache(0)
+    off.put(cache_key("a", greedy), gen["a"])
+    assert off.get(cache_key("a", greedy)) is None and len(off) == 0

@@ -34,7 +34,16 @@ TABLE_FILE = "table.md"
 PLOT_FILE = "pareto.png"
 
 # The order in which methods appear in tables (then truncation caps ascending).
-METHOD_ORDER = ("duet", "original", "truncation", "prompt", "small", "small-at-once", "cascade", "oracle-route")
+METHOD_ORDER = (
+    "duet",
+    "original",
+    "truncation",
+    "prompt",
+    "small",
+    "small-at-once",
+    "cascade",
+    "oracle-route",
+)
 
 
 @dataclass

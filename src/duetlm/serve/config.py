@@ -64,6 +64,11 @@ class ServeConfig(Strict):
         description="m answers first and M is called only where m is unsure: logprob@T or consistency@K@T "
         "(duetlm.cascade); default: M on every request",
     )
+    signal_cache: int = Field(
+        0,
+        ge=0,
+        description="M's signals kept for reuse by identical greedy requests (LRU entries; 0: off)",
+    )
     api_key: str | None = Field(
         None, description="clients must send 'Authorization: Bearer <key>' (all routes but /health)"
     )

@@ -65,6 +65,12 @@ class ServeMetrics:
             ["decision"],
             registry=reg,
         )
+        self.signal_cache = Counter(
+            "duetlm_signal_cache",
+            "M passes answered from the signal cache (hit) or run and stored (miss)",
+            ["result"],
+            registry=reg,
+        )
         Gauge("duetlm_requests_in_flight", "requests admitted and not done", registry=reg).set_function(
             in_flight
         )

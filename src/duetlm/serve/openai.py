@@ -313,6 +313,7 @@ class DuetOutcome:
     small: Generation | None = None
     large_called: bool | None = None
     confidence: float | None = None
+    signal_cached: bool = False  # M's signal came from the signal cache (`serve/cache.py`)
     spent: list[Generation] = field(default_factory=list)
 
 
@@ -358,6 +359,8 @@ def duet_fields(outcome: DuetOutcome) -> dict[str, Any]:
     fields = {"signal_complete": outcome.signal.complete, "large_finish": large_finish}
     if outcome.large_called is not None:
         fields |= {"large_called": outcome.large_called, "confidence": outcome.confidence}
+    if outcome.signal_cached:
+        fields["signal_cached"] = True
     return fields
 
 
@@ -451,7 +454,8 @@ def logprobs(chat: ParsedChat, outcome: DuetOutcome, served: Served) -> dict[str
 def last_chunk_fields(served: Served, chat: ParsedChat, outcome: DuetOutcome) -> dict[str, Any]:
     """What a choice's last streamed chunk carries beside its finish reason: log-probs (the engines
     report them per generation, not per token as it streams) and the role's extensions."""
-    routed = {"duet": duet_fields(outcome)} if outcome.large_called is not None else {}
+    shown = outcome.large_called is not None or outcome.signal_cached
+    routed = {"duet": duet_fields(outcome)} if shown else {}
     return {"logprobs": logprobs(chat, outcome, served), **extensions(served.role, outcome), **routed}
 
 

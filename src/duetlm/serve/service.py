@@ -24,6 +24,7 @@ from duetlm.serve.batching import (
     row_sinks,
     stage_key,
 )
+from duetlm.serve.cache import SignalCache, cache_key
 from duetlm.serve.config import ServeConfig
 from duetlm.serve.metrics import ServeMetrics
 from duetlm.serve.openai import ApiError, DuetOutcome, ParsedChat, Served, TokenText, upstream_error
@@ -60,6 +61,7 @@ class DuetService:
         )
         self.metrics = ServeMetrics(lambda: self.in_flight, self.stages)
         self.cascade = cfg.cascade_spec()
+        self.signal_cache = SignalCache(cfg.signal_cache if cfg.role == "duet" else 0)
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -219,12 +221,20 @@ class DuetService:
     async def think(self, chat: ParsedChat, on_token: TokenSink | None = None, index: int = 0) -> DuetOutcome:
         """Stage 1: M's signal (role duet), or M's thinking on the conversation (role large)."""
         key, payload = self._large_request(chat, index)
+        cached_as = cache_key(payload, key.params) if self.signal_cache.size else None
+        cached = self.signal_cache.get(cached_as)
+        if cached is not None:
+            self.metrics.signal_cache.labels("hit").inc()
+            return DuetOutcome(cached, signals_of([cached])[0], signal_cached=True)
         try:
             g = await self.large_stage.submit(key, payload, on_token)
         except ApiError:
             raise
         except Exception as err:
             raise upstream_error(err) from err
+        if cached_as is not None:
+            self.signal_cache.put(cached_as, g)
+            self.metrics.signal_cache.labels("miss").inc()
         return DuetOutcome(g, signals_of([g])[0])
 
     async def answer(
