@@ -896,3 +896,102 @@ def test_the_signal_cache_is_a_bounded_lru():
     off = SignalCache(0)
     off.put(cache_key("a", greedy), gen["a"])
     assert off.get(cache_key("a", greedy)) is None and len(off) == 0
+
+
+def test_sigterm_lets_admitted_requests_finish_and_refuses_new_ones(tiny_dir, tiny_llama_dir):
+    """`duetlm serve` in its own process, 8 requests in flight (half streamed), then SIGTERM: every
+    admitted request completes, /health says draining, and the process exits 0."""
+    import signal as signals
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "duetlm.cli",
+        "serve",
+        "--large",
+        str(tiny_dir),
+        "--small",
+        str(tiny_llama_dir),
+    ]
+    cmd += ["--port", "0", "--device", "cpu", "--max-signal-tokens", "256", "--max-answer-tokens", "64"]
+    cmd += ["--max-tokens-limit", "512", "--drain-timeout-s", "120"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    found: list[str] = []
+    log: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            log.append(line)
+            m = re.search(r"running on (http://\S+)", line)
+            if m:
+                found.append(m.group(1))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not found and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not found:
+        proc.kill()
+        pytest.fail("duetlm serve did not start:\n" + "".join(log))
+    url = found[0]
+    body = {**user(Q), "temperature": 1.0, "max_signal_tokens": 256, "max_tokens": 64}
+
+    def one(i: int) -> tuple[int, str]:
+        if i % 2:
+            with httpx.stream(
+                "POST", url + "/v1/chat/completions", json={**body, "stream": True, "seed": i}, timeout=300
+            ) as r:
+                text = "".join(r.iter_text())
+            return r.status_code, text
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "seed": i}, timeout=300)
+        return r.status_code, r.text
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(one, i) for i in range(8)]
+            deadline = time.monotonic() + 60
+            while httpx.get(url + "/health").json()["in_flight"] < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert httpx.get(url + "/health").json()["in_flight"] == 8, "the requests finished too fast"
+            proc.send_signal(signals.SIGTERM)
+            try:  # a new request: refused (the socket closes at once) or a 503 while it closes
+                late = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code
+            except httpx.TransportError:
+                late = None
+            results = [f.result() for f in futures]
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for status, text in results:
+        assert status == 200, text
+        if text.startswith("data:"):  # a stream: whole, to its end
+            assert text.rstrip().endswith("data: [DONE]") and '"finish_reason":"' in text.replace(" ", "")
+        else:
+            assert json.loads(text)["choices"][0]["finish_reason"] in ("stop", "length")
+    assert late in (None, 503)
+    # uvicorn shuts down cleanly, then ends by the signal it caught (what process managers expect)
+    assert code in (0, -signals.SIGTERM) and any("Application shutdown complete" in x for x in log), log[-30:]
+    accessed = [json.loads(line) for line in log if line.startswith("{")]
+    assert sum(e["path"] == "/v1/chat/completions" and e["status"] == 200 for e in accessed) == 8
+
+
+def test_a_draining_server_answers_503_and_says_so_on_health(engines):
+    service = DuetService(
+        ServeConfig(large="M", small="m", max_signal_tokens=4, max_answer_tokens=4), *engines
+    )
+    server = ServerThread(create_app(service)).__enter__()
+    try:
+        assert post(server.url, user(Q)).status_code == 200
+        service.draining = True  # what SIGTERM sets (run_server's handle_exit)
+        r = post(server.url, user(Q))
+        health = httpx.get(server.url + "/health")
+    finally:
+        server.__exit__()
+    assert (
+        r.status_code == 503
+        and r.headers["Retry-After"] == "1"
+        and "shutting down" in r.json()["error"]["message"]
+    )
+    assert health.status_code == 503 and health.json()["status"] == "draining"

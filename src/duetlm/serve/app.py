@@ -70,8 +70,11 @@ async def read_json(request: Request, limit: int) -> Any:
 
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
-    return service_of(request).health()
+async def health(request: Request) -> Any:
+    """200 while serving; 503 once draining (a load balancer stops sending requests here)."""
+    service = service_of(request)
+    body = service.health()
+    return JSONResponse(body, status_code=503) if service.draining else body
 
 
 @router.get("/v1/models")
@@ -330,14 +333,30 @@ def run_server(cfg: ServeConfig) -> None:
     """`duetlm serve`: load the models and serve until interrupted."""
     import uvicorn
 
-    app = create_app(build_service(cfg))
+    service = build_service(cfg)
+    app = create_app(service)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     ACCESS_LOG.addHandler(handler)
     ACCESS_LOG.setLevel(logging.INFO)
     ACCESS_LOG.propagate = False
-    # On SIGTERM, stop waiting for open requests after 10 s (the engine call in progress still ends).
+
+    class Draining(uvicorn.Server):
+        """On SIGTERM or Ctrl-C: mark the service draining (new requests 503, /health 503), then
+        uvicorn's own shutdown: stop listening, let admitted requests finish for up to
+        `drain_timeout_s`, stop the batchers."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service.draining = True
+            super().handle_exit(sig, frame)
+
     # uvicorn's own access lines are off: `identify` writes structured ones with the request id.
-    uvicorn.run(
-        app, host=cfg.host, port=cfg.port, log_level="info", access_log=False, timeout_graceful_shutdown=10
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(cfg.drain_timeout_s)),
     )
+    Draining(config).run()

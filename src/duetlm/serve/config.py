@@ -44,6 +44,11 @@ class ServeConfig(Strict):
     )
     max_queue: int = Field(256, ge=1, description="requests admitted at once; beyond: 503 + Retry-After")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 503")
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM: how long admitted requests may take to finish before the server exits",
+    )
     max_signal_tokens: int = Field(256, ge=1, description="default cap on M's thinking tokens")
     max_answer_tokens: int = Field(256, ge=1, description="default cap on m's answer tokens")
     max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")

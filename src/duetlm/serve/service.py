@@ -50,6 +50,7 @@ class DuetService:
             cfg.model_name, cfg.role, TokenText.of(large), TokenText.of(small) if small is not None else None
         )
         self.in_flight = 0
+        self.draining = False  # set on SIGTERM: admitted requests finish, new ones get a 503
         self._executors: dict[int, ThreadPoolExecutor] = {}
         self._continuous: dict[int, Any] = {}
         if cfg.role == "duet":
@@ -150,6 +151,13 @@ class DuetService:
 
         Yields `keep()`: call it to hand the slot to a streaming response, which releases it itself.
         """
+        if self.draining:
+            raise ApiError(
+                503,
+                "the server is shutting down; retry on another replica",
+                kind="server_shutting_down",
+                headers={"Retry-After": str(self.cfg.retry_after_s)},
+            )
         if self.in_flight >= self.cfg.max_queue:
             raise ApiError(
                 503,
@@ -360,7 +368,7 @@ class DuetService:
 
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "draining" if self.draining else "ok",
             "role": self.cfg.role,
             "model": self.cfg.model_name,
             "in_flight": self.in_flight,
