@@ -186,7 +186,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(duet_url):
 
 
 def test_models_and_health(client, duet_url):
-    assert [m.id for m in client.models.list().data] == ["duet"]
+    assert [m.id for m in client.models.list().data] == ["duet", "duet:small", "duet:large"]
     health = httpx.get(duet_url + "/health").json()
     assert health["status"] == "ok" and health["role"] == "duet" and health["in_flight"] == 0
 
@@ -796,7 +796,7 @@ def test_openapi_documents_the_chat_body_and_errors(duet_url):
     spec = httpx.get(duet_url + "/openapi.json", timeout=10).json()
     op = spec["paths"]["/v1/chat/completions"]["post"]
     body = op["requestBody"]["content"]["application/json"]["schema"]
-    assert body["properties"]["model"]["enum"] == ["duet"]
+    assert body["properties"]["model"]["enum"] == ["duet", "duet:small", "duet:large"]
     assert {"model", "messages"} <= set(body["required"])
     ref = body["properties"]["messages"]["items"]["$ref"].rsplit("/", 1)[-1]
     assert spec["components"]["schemas"][ref]["properties"]["role"]["enum"] == ["system", "user", "assistant"]
@@ -995,3 +995,44 @@ def test_a_draining_server_answers_503_and_says_so_on_health(engines):
         and "shutting down" in r.json()["error"]["message"]
     )
     assert health.status_code == 503 and health.json()["status"] == "draining"
+
+
+def test_the_model_name_routes_a_request_to_duet_m_alone_or_m_alone(client, duet_url, engines):
+    ids = {m.id: m.model_extra["route"] for m in client.models.list().data}
+    assert ids == {"duet": "duet", "duet:small": "small", "duet:large": "large"}
+    large, small = engines
+    msgs = [{"role": "user", "content": Q}]
+    # duet:small is m alone: the pipeline's small_only, no M tokens
+    alone = DuetPipeline(
+        large, small, small_sampling=SamplingParams(temperature=0.0, max_new_tokens=ANSWER_TOKENS)
+    )
+    r = client.chat.completions.create(model="duet:small", messages=msgs)
+    assert r.choices[0].message.content == alone.small_only([Q])[0].answer
+    assert r.usage.model_extra["large"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert not r.choices[0].message.reasoning_content
+    # duet:large is M alone: the pipeline's original (thinking, then its own answer), no m tokens
+    original = DuetPipeline(
+        large,
+        small,
+        large_sampling=SamplingParams(temperature=0.0, max_new_tokens=SIGNAL_TOKENS),
+        small_sampling=SamplingParams(temperature=0.0, max_new_tokens=ANSWER_TOKENS),
+    ).original([Q])[0]
+    r = client.chat.completions.create(model="duet:large", messages=msgs)
+    assert r.choices[0].message.content == original.answer
+    assert r.choices[0].message.reasoning_content == original.signal.text
+    assert r.usage.model_extra["small"]["completion_tokens"] == 0
+    assert r.usage.model_extra["large"]["completion_tokens"] == original.large_tokens
+    # streamed, each route's deltas add up to its plain response
+    for model in ("duet:small", "duet:large"):
+        plain = client.chat.completions.create(model=model, messages=msgs).choices[0].message
+        chunks = [
+            c for c in client.chat.completions.create(model=model, messages=msgs, stream=True) if c.choices
+        ]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+        assert (content, reasoning) == (plain.content, plain.reasoning_content or ""), model
+    # a name it does not serve lists the ones it does; logprobs are not served for M alone
+    r = post(duet_url, {**user(), "model": "duet:tiny"})
+    assert r.status_code == 404 and "'duet:small'" in r.json()["error"]["message"]
+    r = post(duet_url, {**user(), "model": "duet:large", "logprobs": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"

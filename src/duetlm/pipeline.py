@@ -104,11 +104,16 @@ class DuetPipeline:
         answer_tokens = self.small_sampling.max_new_tokens if self.small is not None else 0
         return replace(self.large_sampling, max_new_tokens=self.large_sampling.max_new_tokens + answer_tokens)
 
-    def respond(self, questions: list[str], instruction: str | None = None) -> list[list[Generation]]:
+    def respond(
+        self, questions: list[str], instruction: str | None = None, on_token: OutputCallback | None = None
+    ) -> list[list[Generation]]:
         """M alone thinks, then writes its own answer (n per question, as `large_sampling.n` says):
-        the `original` baseline's generation and the M-alone training modes' rollouts. Grade each with
-        `protocol.own_answer`."""
-        return self.large.generate(self.think_prompts(questions, instruction), self.respond_params())
+        the `original` baseline's generation, the M-alone training modes' rollouts and the server's
+        `<model>:large` route. Grade each with `protocol.own_answer`. `on_token`: as in `think`."""
+        prompts = self.think_prompts(questions, instruction)
+        if on_token is None:
+            return self.large.generate(prompts, self.respond_params())
+        return generate_streaming(self.large, prompts, self.respond_params(), on_token)
 
     def answer_prompts(
         self, questions: list[str], signals: list[str | None], at_once: bool = False

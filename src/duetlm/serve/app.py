@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -79,17 +80,24 @@ async def health(request: Request) -> Any:
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
+    """The served names: on a duet server `<name>` (M → z → m), `<name>:small` (m alone) and
+    `<name>:large` (M alone); `route` says which."""
     cfg = service_of(request).cfg
-    entry = {
-        "id": cfg.model_name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "duetlm",
-        "role": cfg.role,
-        "large": cfg.large or cfg.large_url,
-        "small": cfg.small,
-    }
-    return {"object": "list", "data": [entry]}
+    suffixes = openai.ROUTES if cfg.role == "duet" else {"": "duet"}
+    data = [
+        {
+            "id": cfg.model_name + suffix,
+            "object": "model",
+            "created": 0,
+            "owned_by": "duetlm",
+            "role": cfg.role,
+            "route": route,
+            "large": cfg.large or cfg.large_url,
+            "small": cfg.small,
+        }
+        for suffix, route in suffixes.items()
+    ]
+    return {"object": "list", "data": data}
 
 
 @router.get(
@@ -125,13 +133,19 @@ async def chat(request: Request) -> Any:
     service = service_of(request)
     cfg = service.cfg
     parsed = parse_chat(await read_json(request, cfg.max_body_bytes), cfg)
-    if parsed.request.model != cfg.model_name:
+    route = openai.route_of(parsed.request.model, cfg.model_name, cfg.role)
+    if route is None:
+        names = openai.served_names(cfg.model_name, cfg.role)
         raise ApiError(
             404,
-            f"model {parsed.request.model!r} is not served here; this server serves {cfg.model_name!r}",
+            f"model {parsed.request.model!r} is not served here; this server serves {cfg.model_name!r}"
+            + (f" (and {', '.join(repr(n) for n in names[1:])})" if len(names) > 1 else ""),
             param="model",
             kind="model_not_found",
         )
+    if route == "large" and parsed.request.logprobs:
+        raise ApiError(400, "logprobs are not served on the :large route (M alone)", param="logprobs")
+    parsed = dataclasses.replace(parsed, route=route)
     with service.admitted() as keep:
         if not parsed.request.stream:
             return await _complete(service, parsed, started)
@@ -279,7 +293,7 @@ def create_app(service: DuetService) -> FastAPI:
 def _describe_chat_body(app: FastAPI, cfg: ServeConfig) -> None:
     """The chat handler reads the body itself (size limit, 400s that name the field), so FastAPI does
     not see `ChatRequest`: put it in the OpenAPI document by hand, for clients and schema fuzzers."""
-    body_schema, body_defs = openai.chat_request_schema(cfg.model_name)
+    body_schema, body_defs = openai.chat_request_schema(cfg.model_name, cfg.role)
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

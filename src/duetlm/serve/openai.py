@@ -117,14 +117,34 @@ class ChatRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-def chat_request_schema(model_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def served_names(model_name: str, role: str) -> list[str]:
+    """Every model name a server answers to (`ROUTES`: a duet server's three)."""
+    return [model_name + s for s in ROUTES] if role == "duet" else [model_name]
+
+
+def chat_request_schema(model_name: str, role: str = "duet") -> tuple[dict[str, Any], dict[str, Any]]:
     """(the JSON schema of a request body to this server, its `$defs`) for the OpenAPI document: the
     handler reads the body itself, so FastAPI does not see `ChatRequest`."""
     schema = ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     defs = schema.pop("$defs", {})
-    schema["properties"]["model"]["enum"] = [model_name]
+    schema["properties"]["model"]["enum"] = served_names(model_name, role)
     schema["properties"]["messages"]["minItems"] = 1
     return schema, defs
+
+
+# Per-request routing on a duet server: the model name `<served>` runs M → z → m, `<served>:small`
+# m alone, `<served>:large` M alone (it thinks, then answers itself, as `duetlm eval --methods original`).
+ROUTES = {"": "duet", ":small": "small", ":large": "large"}
+
+
+def route_of(model: str, served_name: str, role: str) -> str | None:
+    """The route a request's `model` names on this server, or None when it is not served here."""
+    if role != "duet":
+        return "duet" if model == served_name else None
+    for suffix, route in ROUTES.items():
+        if model == served_name + suffix:
+            return route
+    return None
 
 
 @dataclass(frozen=True)
@@ -134,6 +154,7 @@ class ParsedChat:
     request: ChatRequest
     messages: list[dict[str, str]]
     max_tokens: int
+    route: str = "duet"  # `ROUTES`: which path the request's model name asked for
 
     @property
     def question(self) -> str:
@@ -408,10 +429,13 @@ def usage(outcomes: list[DuetOutcome]) -> dict[str, Any]:
 
 
 def choice_fields(chat: ParsedChat, outcome: DuetOutcome) -> tuple[str, str]:
-    """(content, finish_reason) of the choice: m's answer cut before the first stop string."""
+    """(content, finish_reason) of the choice: m's answer cut before the first stop string; on the
+    `:large` route M's own answer (`protocol.own_answer`), cut alike."""
     if outcome.small is not None:
         return answer_text(outcome.small.text, chat.stop), outcome.small.finish_reason
     assert outcome.large is not None  # role large: M's pass is the choice
+    if chat.route == "large":
+        return answer_text(protocol.own_answer(outcome.large.text), chat.stop), outcome.large.finish_reason
     return "", outcome.large.finish_reason
 
 

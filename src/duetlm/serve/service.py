@@ -60,6 +60,12 @@ class DuetService:
         self.small_stage = (
             self._stage("small", self._run_answer, self._prepare_answer, small) if small is not None else None
         )
+        # The `:large` route (M alone answers): M's prompt without the stop at the end of thinking.
+        self.respond_stage = (
+            self._stage("large_alone", self._run_respond, self._prepare_respond, large)
+            if cfg.role == "duet"
+            else None
+        )
         self.metrics = ServeMetrics(lambda: self.in_flight, self.stages)
         self.cascade = cfg.cascade_spec()
         self.signal_cache = SignalCache(cfg.signal_cache if cfg.role == "duet" else 0)
@@ -98,7 +104,7 @@ class DuetService:
 
     @property
     def stages(self) -> list[Stage]:
-        return [s for s in (self.large_stage, self.small_stage) if s is not None]
+        return [s for s in (self.large_stage, self.small_stage, self.respond_stage) if s is not None]
 
     async def start(self) -> None:
         for stage in self.stages:
@@ -126,6 +132,12 @@ class DuetService:
         questions, signals = [q for q, _ in items], [z for _, z in items]
         return [gs[0] for gs in pipe.answer(questions, signals, n=1, on_token=row_sinks(sinks))]
 
+    def _run_respond(
+        self, key: StageKey, questions: list[str], sinks: list[TokenSink | None]
+    ) -> list[Generation]:
+        pipe = replace(self.pipeline, large_sampling=key.params, small=None)
+        return [gs[0] for gs in pipe.respond(questions, on_token=row_sinks(sinks))]
+
     def _run_large_chat(
         self, key: StageKey, prompts: list[str], sinks: list[TokenSink | None]
     ) -> list[Generation]:
@@ -139,6 +151,10 @@ class DuetService:
     def _prepare_answer(self, key: StageKey, item: tuple[str, str]) -> tuple[list[int], SamplingParams]:
         prompt = self.pipeline.answer_prompts([item[0]], [item[1]])[0]
         return self.small.encode([prompt])[0], replace(key.params, n=1)  # type: ignore[union-attr]
+
+    def _prepare_respond(self, key: StageKey, question: str) -> tuple[list[int], SamplingParams]:
+        pipe = replace(self.pipeline, large_sampling=key.params, small=None)
+        return self.large.encode(pipe.think_prompts([question]))[0], pipe.respond_params()  # type: ignore[attr-defined]
 
     def _prepare_chat(self, key: StageKey, prompt: str) -> tuple[list[int], SamplingParams]:
         return self.large.encode([prompt])[0], key.params  # type: ignore[attr-defined]
@@ -275,6 +291,13 @@ class DuetService:
             # result is set after its tokens, through the same loop, so it cannot overtake them).
             return lambda output: loop.call_soon_threadsafe(events.put_nowait, (index, kind, output))
 
+        if chat.route != "duet":
+            outcome = await self.alone(chat, index, sink)
+            if events is not None:
+                if chat.route == "large":  # the rest of M's thinking, before its answer
+                    events.put_nowait((index, "signal", outcome))
+                events.put_nowait((index, "done", outcome))
+            return outcome
         kept = await self.first_answer(chat, index) if self.cascade is not None else None
         if kept is not None and not kept.large_called:
             outcome = kept  # m's own answer stands: it goes out whole with "done" (never streamed, see below)
@@ -289,6 +312,28 @@ class DuetService:
         if events is not None:
             events.put_nowait((index, "done", outcome))
         return outcome
+
+    async def alone(
+        self, chat: ParsedChat, index: int, sink: Callable[[str], TokenSink | None]
+    ) -> DuetOutcome:
+        """One model alone, as the request's route asks: `small` (m with no signal, streamed as the
+        answer) or `large` (M thinks, then answers itself: its thinking streams as reasoning, its
+        answer comes whole when it is done). The cascade does not apply."""
+        nothing = protocol.Signal("", complete=True)
+        if chat.route == "small":
+            return await self.answer(chat, DuetOutcome(None, nothing), sink("small"), index)
+        assert self.respond_stage is not None
+        signal_cap = chat.request.max_signal_tokens or self.cfg.max_signal_tokens
+        # No stop strings in M's generation: they cut the answer (`choice_fields`), never the thinking.
+        params = self._sampling(chat, signal_cap + chat.max_tokens, index=index)
+        try:
+            g = await self.respond_stage.submit(stage_key(params), chat.question, sink("large"))
+        except ApiError:
+            raise
+        except Exception as err:
+            raise upstream_error(err) from err
+        thinking, _ = protocol.split_response(g.text)
+        return DuetOutcome(g, protocol.Signal(thinking, complete=protocol.THINK_CLOSE in g.text))
 
     async def first_answer(self, chat: ParsedChat, index: int) -> DuetOutcome:
         """The cascade's first pass (`duetlm.cascade`): m answers alone, not streamed (it may be
