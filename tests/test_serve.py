@@ -1036,3 +1036,48 @@ def test_the_model_name_routes_a_request_to_duet_m_alone_or_m_alone(client, duet
     assert r.status_code == 404 and "'duet:small'" in r.json()["error"]["message"]
     r = post(duet_url, {**user(), "model": "duet:large", "logprobs": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+@pytest.mark.parametrize("failure", ["error", "timeout"])
+def test_large_fallback_small_answers_with_m_when_m_fails_or_is_slow(engines, failure):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    up = Upstream(fail=99, status=500) if failure == "error" else Upstream(slow=99, delay=3.0)
+    remote = RemoteEngine(up.url, model="m", max_retries=0, api_key="")
+    options = {"large_url": up.url, "small": "m", "max_answer_tokens": ANSWER_TOKENS}
+    fall = start(ServeConfig(**options, large_fallback="small", large_timeout_s=0.5), remote, engines[1])
+    fail = start(ServeConfig(**options, large_timeout_s=0.5), remote, engines[1])
+    try:
+        c = openai.OpenAI(base_url=fall.url + "/v1", api_key="unused", max_retries=0)
+        msgs = [{"role": "user", "content": Q}]
+        raw = c.chat.completions.with_raw_response.create(model="duet", messages=msgs)
+        r = raw.parse()
+        streamed = [
+            ch for ch in c.chat.completions.create(model="duet", messages=msgs, stream=True) if ch.choices
+        ]
+        text = httpx.get(fall.url + "/metrics").text
+        failed = post(fail.url, user(Q))
+    finally:
+        fall.__exit__()
+        fail.__exit__()
+        up.close()
+    alone = DuetPipeline(
+        engines[0], engines[1], small_sampling=SamplingParams(temperature=0.0, max_new_tokens=ANSWER_TOKENS)
+    )
+    assert r.choices[0].message.content == alone.small_only([Q])[0].answer  # m alone answered
+    assert r.model_extra["duet"]["fallback"] == failure and raw.headers["X-Duet-Fallback"] == "1/1"
+    assert r.usage.model_extra["large"]["completion_tokens"] == 0
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == r.choices[0].message.content
+    assert streamed[-1].choices[0].model_extra["duet"]["fallback"] == failure
+    counts = {
+        s.labels["reason"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "duetlm_large_fallbacks"
+        for s in f.samples
+        if s.name.endswith("_total")
+    }
+    assert counts == {failure: 2.0}
+    # the default policy fails: 502 naming the upstream, or 504 naming the limit
+    assert failed.status_code == (502 if failure == "error" else 504), failed.text
+    if failure == "timeout":
+        assert "--large-timeout-s 0.5" in failed.json()["error"]["message"]

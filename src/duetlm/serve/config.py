@@ -69,6 +69,15 @@ class ServeConfig(Strict):
         description="m answers first and M is called only where m is unsure: logprob@T or consistency@K@T "
         "(duetlm.cascade); default: M on every request",
     )
+    large_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="the longest M's pass may take (role duet); beyond it, --large-fallback applies",
+    )
+    large_fallback: Literal["fail", "small"] = Field(
+        "fail",
+        description="when M fails or exceeds --large-timeout-s: fail (502 / 504) or small (m answers alone)",
+    )
     signal_cache: int = Field(
         0,
         ge=0,
@@ -86,6 +95,8 @@ class ServeConfig(Strict):
             raise ValueError("role duet needs small (m); use role large to serve M alone")
         if self.role == "large" and self.small is not None:
             raise ValueError("role large serves M alone: drop small")
+        if self.role != "duet" and (self.large_fallback != "fail" or self.large_timeout_s is not None):
+            raise ValueError("large_fallback and large_timeout_s apply to role duet (M's pass before m's)")
         if self.cascade is not None:
             if self.role != "duet":
                 raise ValueError("cascade needs role duet (m answers first)")

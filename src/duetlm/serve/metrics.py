@@ -65,6 +65,12 @@ class ServeMetrics:
             ["decision"],
             registry=reg,
         )
+        self.fallbacks = Counter(
+            "duetlm_large_fallbacks",
+            "choices m answered alone because M failed (error) or was too slow (timeout)",
+            ["reason"],
+            registry=reg,
+        )
         self.signal_cache = Counter(
             "duetlm_signal_cache",
             "M passes answered from the signal cache (hit) or run and stored (miss)",

@@ -335,6 +335,7 @@ class DuetOutcome:
     large_called: bool | None = None
     confidence: float | None = None
     signal_cached: bool = False  # M's signal came from the signal cache (`serve/cache.py`)
+    fallback: str | None = None  # why m answered alone instead ("error" | "timeout"), `large_fallback: small`
     spent: list[Generation] = field(default_factory=list)
 
 
@@ -382,17 +383,27 @@ def duet_fields(outcome: DuetOutcome) -> dict[str, Any]:
         fields |= {"large_called": outcome.large_called, "confidence": outcome.confidence}
     if outcome.signal_cached:
         fields["signal_cached"] = True
+    if outcome.fallback is not None:
+        fields["fallback"] = outcome.fallback
     return fields
 
 
 LARGE_CALLED_HEADER = "X-Duet-Large-Called"
 
 
+FALLBACK_HEADER = "X-Duet-Fallback"
+
+
 def large_called_header(outcomes: list[DuetOutcome]) -> dict[str, str]:
-    """A cascade's response header: how many of its choices called M, e.g. `0/1` or `2/4`."""
-    if outcomes[0].large_called is None:
-        return {}
-    return {LARGE_CALLED_HEADER: f"{sum(bool(o.large_called) for o in outcomes)}/{len(outcomes)}"}
+    """The response's routing headers: a cascade's `X-Duet-Large-Called` (how many choices called M,
+    e.g. `0/1` or `2/4`), and `X-Duet-Fallback` (how many choices m answered alone because M failed)."""
+    headers = {}
+    if outcomes[0].large_called is not None:
+        headers[LARGE_CALLED_HEADER] = f"{sum(bool(o.large_called) for o in outcomes)}/{len(outcomes)}"
+    fallbacks = sum(o.fallback is not None for o in outcomes)
+    if fallbacks:
+        headers[FALLBACK_HEADER] = f"{fallbacks}/{len(outcomes)}"
+    return headers
 
 
 def _prompt_tokens(g: Generation) -> int:
@@ -478,7 +489,7 @@ def logprobs(chat: ParsedChat, outcome: DuetOutcome, served: Served) -> dict[str
 def last_chunk_fields(served: Served, chat: ParsedChat, outcome: DuetOutcome) -> dict[str, Any]:
     """What a choice's last streamed chunk carries beside its finish reason: log-probs (the engines
     report them per generation, not per token as it streams) and the role's extensions."""
-    shown = outcome.large_called is not None or outcome.signal_cached
+    shown = outcome.large_called is not None or outcome.signal_cached or outcome.fallback is not None
     routed = {"duet": duet_fields(outcome)} if shown else {}
     return {"logprobs": logprobs(chat, outcome, served), **extensions(served.role, outcome), **routed}
 

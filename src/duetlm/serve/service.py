@@ -302,8 +302,13 @@ class DuetService:
         if kept is not None and not kept.large_called:
             outcome = kept  # m's own answer stands: it goes out whole with "done" (never streamed, see below)
         else:
-            outcome = await self.think(chat, sink("large"), index)
-            if events is not None:
+            fallen = None
+            try:
+                outcome = await self._large_pass(chat, sink("large"), index)
+            except (ApiError, TimeoutError) as err:
+                fallen = self._fallback(err)
+                outcome = DuetOutcome(None, protocol.Signal("", complete=True), fallback=fallen)
+            if events is not None and fallen is None:
                 events.put_nowait((index, "signal", outcome))
             if self.cfg.role == "duet":
                 outcome = await self.answer(chat, outcome, sink("small"), index)
@@ -312,6 +317,28 @@ class DuetService:
         if events is not None:
             events.put_nowait((index, "done", outcome))
         return outcome
+
+    async def _large_pass(self, chat: ParsedChat, on_token: TokenSink | None, index: int) -> DuetOutcome:
+        """M's pass, bounded by `large_timeout_s` where set."""
+        if self.cfg.large_timeout_s is None:
+            return await self.think(chat, on_token, index)
+        return await asyncio.wait_for(self.think(chat, on_token, index), self.cfg.large_timeout_s)
+
+    def _fallback(self, err: ApiError | TimeoutError) -> str:
+        """Why m answers alone (`large_fallback: small`), or the error the request fails with."""
+        reason = "timeout" if isinstance(err, TimeoutError) else "error"
+        if isinstance(err, ApiError) and err.status < 500:
+            raise err  # the request's own fault (a question too long for M): no fallback hides it
+        if self.cfg.large_fallback != "small":
+            if isinstance(err, TimeoutError):
+                raise ApiError(
+                    504,
+                    f"the large model (M) took longer than --large-timeout-s {self.cfg.large_timeout_s:g} s",
+                    kind="upstream_timeout",
+                ) from None
+            raise err
+        self.metrics.fallbacks.labels(reason).inc()
+        return reason
 
     async def alone(
         self, chat: ParsedChat, index: int, sink: Callable[[str], TokenSink | None]
