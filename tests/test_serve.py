@@ -230,9 +230,9 @@ def test_concurrent_requests_share_engine_calls(engines, tiny_dir):
         assert reply["usage"]["large"]["prompt_tokens"] == large.count_tokens(prompt)
 
 
-def test_system_messages_ignored_when_the_server_says_so(engines):
+def test_system_messages_ignored_or_refused_when_the_server_says_so(engines):
     """--system-messages ignore: a [system, user] request gets what the user message alone gets
-    (seeded); by default it is a 400 that names the option."""
+    (seeded); reject: a 400 that names the option."""
     server = start(ServeConfig(large="M", small="m", max_signal_tokens=8, system_messages="ignore"), *engines)
     seeded = {"temperature": 1.0, "seed": SEED, "max_tokens": 8}
     try:
@@ -245,13 +245,68 @@ def test_system_messages_ignored_when_the_server_says_so(engines):
     assert with_system.status_code == alone.status_code == 200
     pick = lambda r: r.json()["choices"][0]["message"]  # noqa: E731
     assert pick(with_system) == pick(alone)
-    assert two_users.status_code == 400  # only system messages are dropped
-    server = start(ServeConfig(large="M", small="m", max_signal_tokens=8), *engines)
+    assert two_users.status_code == 400 and "alternate" in two_users.json()["error"]["message"]
+    server = start(ServeConfig(large="M", small="m", max_signal_tokens=8, system_messages="reject"), *engines)
     try:
         refused = post(server.url, {**user(Q), "messages": [system, user(Q)["messages"][0]]})
     finally:
         server.__exit__()
-    assert refused.status_code == 400 and "--system-messages ignore" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and "--system-messages reject" in refused.json()["error"]["message"]
+
+
+def test_a_conversation_reaches_both_models_through_their_templates(engines):
+    """Two turns and a system message: the served answer is the pipeline's on the same conversation
+    (protocol.conversation_question), and the prompts hold the history as the protocol says."""
+    large, small = engines
+    greedy = {"max_signal_tokens": SIGNAL_TOKENS, "max_answer_tokens": ANSWER_TOKENS}
+    history = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And times 3?"},
+    ]
+    pipe = DuetPipeline(
+        large,
+        small,
+        large_sampling=SamplingParams(temperature=0.0, max_new_tokens=SIGNAL_TOKENS),
+        small_sampling=SamplingParams(temperature=0.0, max_new_tokens=ANSWER_TOKENS),
+    )
+    results = {}
+    for mode in ("both", "small"):
+        server = start(ServeConfig(large="M", small="m", system_messages=mode, **greedy), *engines)
+        try:
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            results[mode] = c.chat.completions.create(model="duet", messages=history).choices[0].message
+            streamed = [
+                ch
+                for ch in c.chat.completions.create(model="duet", messages=history, stream=True)
+                if ch.choices
+            ]
+        finally:
+            server.__exit__()
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == results[mode].content
+    for mode, marked in (
+        ("both", history),
+        ("small", [{**history[0], protocol.SMALL_ONLY: True}, *history[1:]]),
+    ):
+        expected = pipe.run([protocol.conversation_question(marked)])[0]
+        assert (results[mode].reasoning_content, results[mode].content) == (
+            expected.signal.text,
+            expected.answer,
+        )
+    # the prompts: history in order, M's instruction on the last user turn only, z opening m's last turn
+    question = protocol.conversation_question(history)
+    large_prompt = pipe.think_prompts([question])[0]
+    small_prompt = pipe.answer_prompts([question], ["S1 +1 5"])[0]
+    assert large_prompt.count(protocol.LARGE_INSTRUCTION.strip()) == 1
+    assert large_prompt.index("What is 2 + 2?") < large_prompt.index("And times 3?")
+    assert protocol.LARGE_INSTRUCTION.strip() in large_prompt[large_prompt.index("And times 3?") :]
+    assert "Answer briefly." in small_prompt and small_prompt.endswith(protocol.thinking_block("S1 +1 5"))
+    only_m = protocol.conversation_question([{**history[0], protocol.SMALL_ONLY: True}, *history[1:]])
+    assert "Answer briefly." not in pipe.think_prompts([only_m])[0]
+    assert "Answer briefly." in pipe.answer_prompts([only_m], [""])[0]
+    # a single user message is the bare question: single-turn prompts are what they always were
+    assert protocol.conversation_question([{"role": "user", "content": Q}]) == Q
 
 
 def test_continuous_batching_lets_a_late_short_request_overtake_a_long_one(engines):
@@ -336,10 +391,14 @@ def user(content="hi"):
         (
             {
                 "model": "duet",
-                "messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}],
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "system", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ],
             },
             400,
-            "send exactly one user message (got roles system, user)",
+            "messages[1]: system messages must come first",
         ),
         ({**user(), "max_tokens": 10**9}, 400, "max_tokens must be between 1 and 512 (got 1000000000)"),
         ({**user(), "max_tokens": 0}, 400, "max_tokens must be between 1 and 512"),

@@ -17,6 +17,15 @@ pre-filled with the thinking block as plain text. For Qwen3-style templates (the
 vocabulary, the template knows `enable_thinking`) nothing is pre-filled for M: the model opens the
 block itself, exactly as at deployment.
 
+Conversations (several turns, system messages; what `duetlm serve` takes). A pipeline question is a
+string; a conversation travels as one too (`conversation_question`: the messages encoded, one user
+message alone stays its bare text, so single-turn prompts are unchanged). Both models see it through
+their chat templates: earlier user and assistant turns as chat history (an assistant turn holds the
+answer the client shows, never an earlier signal: z is not repeated to m, nor to M), M's instruction
+appended to the last user turn only, and m's assistant turn opening with z for the last one. System
+messages reach both models, or m only when marked so (`SMALL_ONLY`, `duetlm serve --system-messages
+small`). Training and `duetlm eval` take single questions only.
+
 M behind an OpenAI-compatible chat endpoint (`engines/remote.py`). Such a server applies M's own chat
 template, so M's "prompt" is the chat messages themselves: an engine that carries `CHAT_ENDPOINT` as
 its tokenizer gets from `large_prompt` the messages encoded as text (`encode_messages`), and reads them
@@ -179,9 +188,45 @@ def thinking_block(signal: str) -> str:
     return f"{THINK_OPEN}\n{signal}\n{THINK_CLOSE}\n\n" if signal else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 
 
+# A system message with this key set reaches m only (`conversation_question`, `--system-messages small`).
+SMALL_ONLY = "duetlm_small_only"
+
+
+def conversation_question(messages: list[dict[str, Any]]) -> str:
+    """A conversation as a pipeline question: the bare text of a lone user message, else the messages
+    encoded (`encode_messages`); it must end with a user turn."""
+    if not messages or messages[-1].get("role") != "user":
+        raise DuetError("a conversation must end with a user message")
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return encode_messages(messages)
+
+
+def conversation(question: str) -> list[dict[str, Any]]:
+    """The messages of a pipeline question: one user turn, or the encoded conversation."""
+    return (
+        decode_messages(question)
+        if question.startswith(_MESSAGES_TAG)
+        else [{"role": "user", "content": question}]
+    )
+
+
+def _for(messages: list[dict[str, Any]], model: str) -> list[dict[str, str]]:
+    """The turns `model` ("large" | "small") sees: `SMALL_ONLY` system messages dropped for M, the
+    marker removed for m."""
+    return [
+        {"role": m["role"], "content": m["content"]}
+        for m in messages
+        if model == "small" or not m.get(SMALL_ONLY)
+    ]
+
+
 def large_messages(question: str, instruction: str = LARGE_INSTRUCTION) -> list[dict[str, str]]:
-    """M's conversation: one user turn, the question plus the instruction (algorithm.md §1)."""
-    return [{"role": "user", "content": question + instruction}]
+    """M's conversation: the question plus the instruction as the (last) user turn (algorithm.md §1),
+    after a conversation's earlier turns."""
+    turns = _for(conversation(question), "large")
+    last = turns[-1]
+    return [*turns[:-1], {"role": "user", "content": last["content"] + instruction}]
 
 
 def large_chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -210,7 +255,8 @@ def small_prompt(tokenizer: Any, question: str, signal: str | None = None, at_on
     answer then begins with that prefix (`answer_text`)."""
     _needs_local(tokenizer, "m's prompt")
     # enable_thinking=True keeps the template from inserting its own empty block; we insert ours.
-    prompt = _chat(tokenizer, question, enable_thinking=True) + thinking_block(signal or "")
+    turns = _for(conversation(question), "small")
+    prompt = _template(tokenizer, turns, enable_thinking=True) + thinking_block(signal or "")
     return prompt + ANSWER_AT_ONCE if at_once and at_once_by_prefix(tokenizer) else prompt
 
 

@@ -53,10 +53,10 @@ class ServeConfig(Strict):
     max_answer_tokens: int = Field(256, ge=1, description="default cap on m's answer tokens")
     max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1, description="largest n (choices per request) a request may ask for")
-    system_messages: Literal["reject", "ignore"] = Field(
-        "reject",
-        description="role duet: a system message is a 400 (reject) or dropped (ignore); M and m read the "
-        "question through duetlm's own prompts, so a system prompt cannot reach them",
+    system_messages: Literal["both", "small", "ignore", "reject"] = Field(
+        "both",
+        description="role duet: system messages reach both models through their chat templates (both), "
+        "m only (small), neither (ignore: dropped), or are a 400 (reject)",
     )
     temperature: float = Field(0.0, ge=0.0, description="default temperature (0 = greedy)")
     max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")

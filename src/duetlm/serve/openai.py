@@ -158,7 +158,9 @@ class ParsedChat:
 
     @property
     def question(self) -> str:
-        return self.messages[-1]["content"]
+        """What the pipeline takes (role duet): the conversation as one question
+        (`protocol.conversation_question`: a lone user message is its bare text)."""
+        return protocol.conversation_question(self.messages)
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -282,24 +284,41 @@ def _conversation(req: ChatRequest, cfg: ServeConfig) -> list[dict[str, str]]:
         raise ApiError(
             400, f"the last message must come from the user (got {messages[-1]['role']!r})", param="messages"
         )
-    if cfg.role == "duet" and cfg.system_messages == "ignore":
-        messages = [m for m in messages if m["role"] != "system"]
-    if cfg.role == "duet" and len(messages) != 1:
-        roles = ", ".join(m["role"] for m in messages)
-        hint = (
-            " (a server started with --system-messages ignore drops system messages)"
-            if "system" in roles
-            else ""
-        )
-        raise ApiError(
-            400,
-            f"the duet pipeline answers one question: send exactly one user message (got roles {roles})"
-            + hint,
-            param="messages",
-        )
+    if cfg.role == "duet":
+        messages = _duet_turns(messages, cfg.system_messages)
     if not messages[-1]["content"].strip():
         raise ApiError(400, f"messages[{len(messages) - 1}].content is empty", param="messages")
     return messages
+
+
+def _duet_turns(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+    """A duet server's conversation (`protocol`'s docstring, "Conversations"): system messages first,
+    as `--system-messages` says, then user and assistant turns alternating, ending with the user's."""
+    head = 0
+    while head < len(messages) and messages[head]["role"] == "system":
+        head += 1
+    for i, m in enumerate(messages[head:], start=head):
+        if m["role"] == "system":
+            raise ApiError(
+                400, f"messages[{i}]: system messages must come first", param=f"messages[{i}].role"
+            )
+        expected = "user" if (i - head) % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise ApiError(
+                400,
+                f"messages[{i}].role: turns must alternate user, assistant, ..., user (got {m['role']!r})",
+                param=f"messages[{i}].role",
+            )
+    if head and system == "reject":
+        raise ApiError(
+            400,
+            "system messages are refused by this server (--system-messages reject)",
+            param="messages[0].role",
+        )
+    systems = [] if system == "ignore" else messages[:head]
+    if system == "small":
+        systems = [{**m, protocol.SMALL_ONLY: True} for m in systems]
+    return [*systems, *messages[head:]]
 
 
 def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
