@@ -16,6 +16,11 @@ a hub id). Client and server share this machine's CPUs: on a busy machine the fi
     python benchmarks/serve_load.py                      # 200 requests, concurrency 16, tiny models
     python benchmarks/serve_load.py --large smollm2-135m --small smollm2-135m --requests 64
     python benchmarks/serve_load.py --stream             # SSE: also when the first signal / answer text came
+    python benchmarks/serve_load.py --modes continuous --baseline-rev 542fa3f   # this tree against a commit
+
+`--baseline-rev REV` runs every mode twice in the same command, the second time on the package as it
+was at REV (a `git worktree` of it, imported through PYTHONPATH, same virtualenv), and prints the
+ratios this tree / REV.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ def tiny_models(root: Path) -> tuple[str, str]:
 class Server:
     """`duetlm serve` in a subprocess; `url` is read from uvicorn's start-up line."""
 
-    def __init__(self, args: list[str], threads: int) -> None:
+    def __init__(self, args: list[str], threads: int, src: Path | None = None) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        if src is not None:  # another revision's package, ahead of the installed one
+            env["PYTHONPATH"] = f"{src}{os.pathsep}{env.get('PYTHONPATH', '')}"
         cmd = [sys.executable, "-m", "duetlm.cli", "serve", "--port", "0", *args]
         self.proc = subprocess.Popen(
             cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
@@ -181,8 +188,8 @@ async def load(
     return len(latencies), lost, latencies, wall, firsts
 
 
-def run_mode(serve_args: list[str], args: argparse.Namespace) -> LoadResult:
-    server = Server(serve_args, args.threads)
+def run_mode(serve_args: list[str], args: argparse.Namespace, src: Path | None = None) -> LoadResult:
+    server = Server(serve_args, args.threads, src)
     try:
         # Warm-up (first-call allocations), not counted; the stage counters are read as differences.
         asyncio.run(load(server.url, questions(2, seed=99), 2, "duet"))
@@ -236,6 +243,7 @@ def main() -> None:
     parser.add_argument(
         "--stream", action="store_true", help="SSE requests; also time the first signal and answer deltas"
     )
+    parser.add_argument("--baseline-rev", help="also run each mode on the package at this git revision")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -270,11 +278,25 @@ def main() -> None:
         f"signal<={args.signal_tokens}, answer<={args.answer_tokens} tokens, temperature {args.temperature:g}, {args.threads} torch threads"
         + (", streamed (SSE)" if args.stream else "")
     )
+    baseline_src = None
+    if args.baseline_rev:
+        repo = Path(__file__).resolve().parents[1]
+        tree = Path(tmp.name) / "baseline"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), args.baseline_rev], check=True, capture_output=True)  # fmt: skip
+        baseline_src = tree / "src"
     results = {}
-    for name, serve_args in modes.items():
-        results[name] = run_mode(serve_args, args)
-        print(f"  done: {name}", flush=True)
-    tmp.cleanup()
+    try:
+        for name, serve_args in modes.items():
+            results[name] = run_mode(serve_args, args)
+            print(f"  done: {name}", flush=True)
+            if baseline_src is not None:
+                results[f"{name} @{args.baseline_rev}"] = run_mode(serve_args, args, baseline_src)
+                print(f"  done: {name} @{args.baseline_rev}", flush=True)
+    finally:
+        if baseline_src is not None:
+            repo = Path(__file__).resolve().parents[1]
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(baseline_src.parent)], check=False)  # fmt: skip
+        tmp.cleanup()
 
     names = list(results)
     rows = [
@@ -311,6 +333,13 @@ def main() -> None:
             x, y = results[all_modes[a][0]], results[all_modes[b][0]]
             print(
                 f"{a} / {b}: throughput x{x.throughput / y.throughput:.2f}, "
+                f"p50 latency x{x.pct(0.5) / y.pct(0.5):.2f}, p99 latency x{x.pct(0.99) / y.pct(0.99):.2f}"
+            )
+    if args.baseline_rev:
+        for name in modes:
+            x, y = results[name], results[f"{name} @{args.baseline_rev}"]
+            print(
+                f"{name}: this tree / {args.baseline_rev}: throughput x{x.throughput / y.throughput:.2f}, "
                 f"p50 latency x{x.pct(0.5) / y.pct(0.5):.2f}, p99 latency x{x.pct(0.99) / y.pct(0.99):.2f}"
             )
     lost = {n: r.lost for n, r in results.items() if r.lost}
