@@ -13,9 +13,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -31,6 +33,14 @@ from test_remote import Upstream
 
 Q = "What is 12 + 7?"
 SIGNAL_TOKENS, ANSWER_TOKENS, SEED = 16, 12, 3
+
+
+class Verdict(pydantic.BaseModel):
+    """What the JSON-schema tests ask m for: finite, so an untrained m always finishes it."""
+
+    model_config = {"extra": "forbid"}
+    answer: Literal["yes", "no", "maybe"]
+    sure: bool
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +90,9 @@ def ask(client, stream=False, **kwargs):
     return client.chat.completions.create(
         model=kwargs.pop("model", "duet"),
         messages=[{"role": "user", "content": kwargs.pop("question", Q)}],
-        temperature=1.0,
+        temperature=kwargs.pop("temperature", 1.0),
         seed=SEED,
-        max_tokens=ANSWER_TOKENS,
+        max_tokens=kwargs.pop("max_tokens", ANSWER_TOKENS),
         stream=stream,
         **kwargs,
     )
@@ -408,17 +418,48 @@ def user(content="hi"):
         ({**user(), "model": "gpt-9"}, 404, "model 'gpt-9' is not served here; this server serves 'duet'"),
         ([1, 2], 400, "the body must be a JSON object"),
         # fields the server does not honour: a 400 naming them, never a 200 that ignored them
-        ({**user(), "response_format": {"type": "json_object"}}, 400, "response_format is not supported"),
         (
             {**user(), "tools": [{"type": "function", "function": {"name": "f"}}]},
             400,
             "tools is not supported",
         ),
-        ({**user(), "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
-        ({**user(), "frequency_penalty": -1}, 400, "frequency_penalty is not supported"),
-        ({**user(), "logit_bias": {"42": 5}}, 400, "logit_bias is not supported"),
-        ({**user(), "repetition_penalty": 1.2}, 400, "repetition_penalty is not supported"),
-        ({**user(), "min_p": 0.1}, 400, "min_p is not supported"),
+        ({**user(), "reasoning_effort": "low"}, 400, "reasoning_effort is not supported"),
+        # decoding controls: honoured (test_served_decoding_controls_*), out of range a 400
+        ({**user(), "response_format": {"type": "xml"}}, 400, "response_format.type 'xml' is not supported"),
+        ({**user(), "response_format": {}}, 400, "response_format.type is required"),
+        (
+            {**user(), "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            400,
+            "response_format.json_schema.schema must be a JSON schema object",
+        ),
+        (
+            {
+                **user(),
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}},
+            },
+            400,
+            "the JSON schema cannot be compiled",
+        ),
+        (
+            {**user(), "presence_penalty": 2.5},
+            400,
+            "presence_penalty: Input should be less than or equal to 2",
+        ),
+        (
+            {**user(), "frequency_penalty": -3},
+            400,
+            "frequency_penalty: Input should be greater than or equal",
+        ),
+        ({**user(), "logit_bias": {"42": 500}}, 400, "logit_bias['42'] must be between -100 and 100"),
+        ({**user(), "logit_bias": {"x": 1}}, 400, "logit_bias key 'x' is not a token id"),
+        ({**user(), "logit_bias": {"99999": 1}}, 400, "logit_bias token id 99999 is outside the vocabulary"),
+        ({**user(), "repetition_penalty": 0}, 400, "repetition_penalty: Input should be greater than 0"),
+        ({**user(), "min_p": 1.5}, 400, "min_p: Input should be less than or equal to 1"),
+        (
+            {**user(), "model": "duet:large", "response_format": {"type": "json_object"}},
+            400,
+            "response_format is not served on the :large route",
+        ),
         ({**user(), "best_of": 3}, 400, "unknown field 'best_of'; this server reads: model, messages,"),
     ],
 )
@@ -434,6 +475,8 @@ def test_unsupported_fields_at_their_neutral_value_and_bookkeeping_fields_are_ac
         "response_format": {"type": "text"},
         "presence_penalty": 0,
         "frequency_penalty": 0.0,
+        "repetition_penalty": 1,
+        "min_p": 0,
         "logit_bias": {},
         "tools": [],
         "tool_choice": "none",
@@ -814,6 +857,22 @@ _OPTIONS = {
     "stream": st.booleans(),
     "logprobs": st.booleans(),
     "top_logprobs": st.one_of(st.none(), st.integers(-2, 25)),
+    "presence_penalty": st.floats(-3, 3, allow_nan=False),
+    "frequency_penalty": st.floats(-3, 3, allow_nan=False),
+    "repetition_penalty": st.floats(-1, 12, allow_nan=False),
+    "min_p": st.floats(-0.5, 1.5, allow_nan=False),
+    "logit_bias": st.dictionaries(
+        st.one_of(st.integers(-5, 400).map(str), st.text(max_size=3)), st.floats(-150, 150), max_size=4
+    ),
+    "response_format": st.sampled_from(
+        [
+            {"type": "text"},
+            {"type": "json_object"},
+            {"type": "json_schema", "json_schema": {"name": "v", "schema": Verdict.model_json_schema()}},
+            {"type": "json_schema", "json_schema": {"schema": {"type": "string", "maxLength": 3}}},
+            {"type": "regex"},
+        ]
+    ),
 }
 
 
@@ -1140,3 +1199,102 @@ def test_large_fallback_small_answers_with_m_when_m_fails_or_is_slow(engines, fa
     assert failed.status_code == (502 if failure == "error" else 504), failed.text
     if failure == "timeout":
         assert "--large-timeout-s 0.5" in failed.json()["error"]["message"]
+
+
+# -- decoding controls (issue 16 item 2) --------------------------------------------------------------
+
+
+def test_served_json_schema_answer_validates_and_parses_with_the_openai_client(client, local):
+    """`client.chat.completions.parse` with a pydantic model: the server constrains m's answer to the
+    schema the client sends, so it parses; duet and duet:small, streamed and not, and the answer is
+    the pipeline's with the same schema."""
+    import jsonschema
+
+    schema_text = None
+    for model in ("duet", "duet:small"):
+        r = client.chat.completions.parse(
+            model=model,
+            messages=[{"role": "user", "content": Q}],
+            temperature=1.0,
+            seed=SEED,
+            max_tokens=60,
+            response_format=Verdict,
+        )
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        assert isinstance(choice.message.parsed, Verdict)
+        jsonschema.validate(json.loads(choice.message.content), Verdict.model_json_schema())
+        streamed = ask(
+            client,
+            stream=True,
+            model=model,
+            max_tokens=60,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "v", "schema": Verdict.model_json_schema()},
+            },
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        if model == "duet":
+            assert json.loads(text) == json.loads(choice.message.content)
+            schema_text = choice.message.content
+    # the pipeline, m's sampling constrained by the schema the client sent, writes the same answer
+    from duetlm.serve.openai import json_schema_of
+
+    sent = {
+        "type": "json_schema",
+        "json_schema": {"name": "Verdict", "schema": openai.lib._pydantic.to_strict_json_schema(Verdict)},
+    }
+    pipe = replace(
+        local,
+        small_sampling=replace(local.small_sampling, max_new_tokens=60, json_schema=json_schema_of(sent)),
+    )
+    (expected,) = pipe.run([Q])
+    assert expected.answer == schema_text
+
+
+def test_served_json_object_mode(client):
+    r = ask(client, max_tokens=80, response_format={"type": "json_object"}, n=4)
+    finished = [c for c in r.choices if c.finish_reason == "stop"]
+    assert all(c.message.content.startswith("{") for c in r.choices)
+    for c in finished:
+        assert isinstance(json.loads(c.message.content), dict)
+
+
+def test_served_penalties_bias_and_min_p_equal_the_pipeline(client, local, engines):
+    """Each control through the official client (repetition_penalty and min_p as vLLM's extensions,
+    in extra_body) gives the pipeline's answer with m sampled under the same controls, and changes
+    the answer (so the control reached m)."""
+    for temperature in (1.0, 0.0):  # greedy m repeats itself, which the penalties act on
+        plain = ask(client, temperature=temperature).choices[0].message.content
+        greedy = replace(local.large_sampling, temperature=temperature)
+        (base,) = replace(
+            local,
+            large_sampling=greedy,
+            small_sampling=replace(local.small_sampling, temperature=temperature),
+        ).run([Q])
+        first = base.small.token_ids[0]  # m's first answer token, banned below
+        other = 7 if first != 7 else 8
+        cases = [
+            (
+                {"logit_bias": {str(first): -100, str(other): 4}},
+                {"logit_bias": tuple(sorted(((other, 4.0), (first, -100.0))))},
+            ),
+            (
+                {"presence_penalty": 1.5, "frequency_penalty": 1.0},
+                {"presence_penalty": 1.5, "frequency_penalty": 1.0},
+            ),
+            ({"extra_body": {"repetition_penalty": 4.0}}, {"repetition_penalty": 4.0}),
+            ({"extra_body": {"min_p": 1.0}}, {"min_p": 1.0}),
+        ]
+        for request, sampling in cases:
+            if temperature == 0 and "min_p" in sampling:
+                continue  # min_p filters a draw: greedy has none
+            got = ask(client, temperature=temperature, **request).choices[0].message.content
+            small = replace(local.small_sampling, temperature=temperature, **sampling)
+            large = replace(local.large_sampling, temperature=temperature)
+            (expected,) = replace(local, small_sampling=small, large_sampling=large).run([Q])
+            assert got == expected.answer, (temperature, request)
+            # At T=1 the untrained m's near-flat logits hardly repeat a token: only bias and min_p show.
+            changed = temperature == 0 or "logit_bias" in sampling or "min_p" in sampling
+            assert (got != plain) == changed, (temperature, request, got, plain)

@@ -20,6 +20,9 @@ TextCallback = Callable[[int, str], None]
 OutputCallback = Callable[[int, Any], None]
 
 
+# `SamplingParams.json_schema` for OpenAI's `response_format: {"type": "json_object"}`: any JSON object.
+JSON_OBJECT = '{"type": "object"}'
+
 # Temperatures below this decode greedily (vLLM's rule too): dividing logits by 1e-30 overflows to inf
 # and the sampling distribution to NaN.
 GREEDY_BELOW = 1e-5
@@ -38,6 +41,16 @@ class SamplingParams:
     `top_logprobs`: with `logprobs`, also the `top_logprobs` most likely tokens at each step under that
     same distribution (OpenAI's `top_logprobs`; 0: none; set to 0 without `logprobs`, so engines read
     `top_logprobs` alone).
+
+    Decoding controls (serving asks for them; training and evaluation leave them neutral), applied in
+    vLLM's order (`duetlm.engines.controls`): `json_schema` (JSON text of a schema the output must
+    match; `JSON_OBJECT` for any JSON object), `logit_bias` ((token id, bias) pairs added to the
+    logits), `repetition_penalty` (divides the positive and multiplies the negative logits of every
+    token in the prompt and the output so far: HF's and vLLM's rule), `presence_penalty` and
+    `frequency_penalty` (OpenAI's: subtract `presence` once and `frequency` per occurrence from each
+    token already generated); then temperature, `min_p` (drop tokens below `min_p` times the most
+    likely one's probability), top-k and top-p. The log-probs stay the raw model's, as vLLM's
+    `raw_logprobs`.
     """
 
     temperature: float = 1.0
@@ -50,6 +63,24 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    json_schema: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """True when a decoding control other than temperature/top-k/top-p/min_p is set: the engine
+        must then adjust each row's logits before it picks a token (`controls.RowControls`)."""
+        return bool(
+            self.json_schema is not None
+            or self.logit_bias
+            or self.repetition_penalty != 1.0
+            or self.presence_penalty
+            or self.frequency_penalty
+        )
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < GREEDY_BELOW:

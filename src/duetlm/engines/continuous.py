@@ -38,11 +38,11 @@ from typing import Any
 import torch
 
 from duetlm.engines.base import FinishReason, Generation, SamplingParams
+from duetlm.engines.controls import RowControls, pick
 from duetlm.engines.hf import (
     HFEngine,
     cache_kwarg,
     check_fits,
-    filter_logits,
     forward_last,
     stop_string_hit,
     text_ids,
@@ -92,6 +92,7 @@ class _Request:
     stop_ids: frozenset[int]
     queued_step: int = 0  # the batcher's decode-step count when the request was queued
     generator: torch.Generator | None = None
+    controls: RowControls | None = None  # its decoding controls (`duetlm.engines.controls`), if any
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -228,6 +229,8 @@ class ContinuousBatcher:
         req = _Request(prompt, sampling, on_token, future, self.engine.eos_ids | set(sampling.stop_token_ids))
         if sampling.seed is not None and sampling.temperature > 0:
             req.generator = torch.Generator(device=self._device).manual_seed(sampling.seed)
+        controls = self.engine.row_controls([prompt], sampling)  # a bad bias or schema fails here
+        req.controls = controls[0] if controls else None
         if sampling.max_new_tokens <= 0:  # nothing to generate: HFEngine returns an empty "length" sample
             future.set_running_or_notify_cancel()
             future.set_result(self._generation(req))
@@ -426,15 +429,18 @@ class ContinuousBatcher:
         return nxt, keep
 
     def _choose(self, rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
-        """Greedy rows take the argmax; each sampled row filters and draws on its own, with its own
-        generator when seeded (so its draws do not depend on the other rows)."""
+        """Plain greedy rows take the argmax; a row with decoding controls adjusts its own logits
+        first; each sampled row filters and draws on its own, with its own generator when seeded (so
+        its draws do not depend on the other rows)."""
         nxt = logits.argmax(-1)
         for i, req in enumerate(rows):
             sp = req.sampling
-            if sp.temperature > 0:
-                scaled = filter_logits(logits[i : i + 1] / sp.temperature, sp.top_k, sp.top_p)
-                probs = torch.softmax(scaled, dim=-1)
-                nxt[i] = torch.multinomial(probs, 1, generator=req.generator)[0, 0]
+            if req.controls is None and sp.temperature == 0:
+                continue
+            row = logits[i : i + 1] if req.controls is None else req.controls.adjust(logits[i : i + 1])
+            nxt[i] = pick(row, sp, req.generator)[0]
+            if req.controls is not None:
+                req.controls.accept(int(nxt[i]))
         return nxt
 
     def _finish(self, req: _Request, tok: int) -> FinishReason | None:

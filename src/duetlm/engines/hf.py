@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from duetlm.engines.base import Generation, SamplingParams, TokenCallback
+from duetlm.engines.controls import Grammars, RowControls, pick
 
 
 @dataclass
@@ -95,21 +96,6 @@ def text_ids(ids: list[int], eos_ids: frozenset[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then nucleus filtering on (B, V) logits; removed entries become -inf."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Remove a token when the mass before it already reaches top_p (the first token always stays).
-        remove = (probs.cumsum(-1) - probs) >= top_p
-        remove_orig = torch.zeros_like(remove).scatter(-1, order, remove)
-        logits = logits.masked_fill(remove_orig, float("-inf"))
-    return logits
-
-
 @dataclass
 class DecodeRows:
     """What each row of one decoding batch has produced so far (indexed by the batch's original rows)."""
@@ -147,15 +133,6 @@ def shared_prefill(prompts: list[list[int]], device: torch.device) -> tuple[torc
     return uniq, torch.tensor(owner, device=device), len(first) < len(prompts)
 
 
-def sample_next(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    """The next token of each row of (B, V) logits: argmax at temperature 0, else a draw after
-    temperature, top-k and top-p."""
-    if sp.temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(filter_logits(logits / sp.temperature, sp.top_k, sp.top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-
 class HFEngine:
     """The `Engine` protocol over a transformers causal LM.
 
@@ -178,6 +155,7 @@ class HFEngine:
             eos.update(gen_eos)
         self.eos_ids: frozenset[int] = frozenset(eos)
         self._cache_kw = cache_kwarg(model)
+        self.grammars: Grammars | None = None  # compiled JSON-schema grammars, made on first use
 
     @property
     def device(self) -> torch.device:
@@ -255,13 +233,14 @@ class HFEngine:
         step_ids, step_pos, step_mask = input_ids, positions, mask
         if shared:
             step_ids, step_pos, step_mask = input_ids[uniq], positions[uniq], mask[uniq]
+        controls = self.row_controls(prompts, sp)
         for _ in range(sp.max_new_tokens):
             logits, past = forward_last(self.model, self._cache_kw, step_ids, step_mask, step_pos, past)
             if shared:  # after the shared prefill: one row per sample from here on
                 logits = logits[expand]
                 past.batch_select_indices(expand)
                 shared = False
-            nxt = sample_next(logits, sp, gen)
+            nxt = self._pick(logits, alive, controls, sp, gen)
             done_list = self._record_step(rows, alive, nxt, logits, sp, stop_ids, on_token)
             keep = torch.tensor([not d for d in done_list], device=device)
             if not keep.any():
@@ -277,6 +256,40 @@ class HFEngine:
             positions = positions[:, -1:] + 1
             step_ids, step_pos, step_mask = nxt[:, None], positions, mask
         return self._generations(rows, sp)
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits (what a `logit_bias` id and a grammar's bitmask index)."""
+        head = self.model.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
+
+    def row_controls(self, prompts: list[list[int]], sp: SamplingParams) -> list[RowControls] | None:
+        """Each row's decoding controls (`duetlm.engines.controls`), or None when `sp` sets none."""
+        if not sp.adjusts_logits:
+            return None
+        vocab = self.vocab_size
+        if sp.json_schema is not None and (self.grammars is None or self.grammars.vocab_size != vocab):
+            self.grammars = Grammars(self.tokenizer, vocab, self.eos_ids)
+        return [RowControls(sp, p, vocab, self.device, self.grammars) for p in prompts]
+
+    @staticmethod
+    def _pick(
+        logits: torch.Tensor,
+        alive: torch.Tensor,
+        controls: list[RowControls] | None,
+        sp: SamplingParams,
+        gen: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The next token of each live row: from its adjusted logits where it has controls. The raw
+        `logits` stay as they are: the log-probs are the model's own."""
+        if controls is None:
+            return pick(logits, sp, gen)
+        rows = alive.tolist()
+        adjusted = torch.cat([controls[r].adjust(logits[k : k + 1]) for k, r in enumerate(rows)])
+        nxt = pick(adjusted, sp, gen)
+        for k, r in enumerate(rows):
+            controls[r].accept(int(nxt[k]))
+        return nxt
 
     def _record_step(
         self,

@@ -324,6 +324,7 @@ class RemoteEngine:
             body["top_k"] = sp.top_k
         if sp.stop_token_ids:
             body["stop_token_ids"] = list(sp.stop_token_ids)
+        body.update(control_fields(sp))
         body.update(self.extra_body)
         return body
 
@@ -401,6 +402,27 @@ class RemoteEngine:
         if "count" not in data:
             raise RemoteEngineError(f"{root}/tokenize did not return a token count", root)
         return int(data["count"])
+
+
+def control_fields(sp: SamplingParams) -> dict[str, Any]:
+    """A request's decoding controls as chat-completions fields, each only when set: OpenAI's
+    penalties, `logit_bias` and `response_format` (json_schema), and vLLM's `repetition_penalty` and
+    `min_p` (extensions; a server without them refuses or ignores them, as it says)."""
+    fields: dict[str, Any] = {}
+    if sp.presence_penalty:
+        fields["presence_penalty"] = sp.presence_penalty
+    if sp.frequency_penalty:
+        fields["frequency_penalty"] = sp.frequency_penalty
+    if sp.logit_bias:
+        fields["logit_bias"] = {str(t): b for t, b in sp.logit_bias}
+    if sp.repetition_penalty != 1.0:
+        fields["repetition_penalty"] = sp.repetition_penalty
+    if sp.min_p:
+        fields["min_p"] = sp.min_p
+    if sp.json_schema is not None:
+        schema = {"name": "duetlm", "schema": json.loads(sp.json_schema), "strict": True}
+        fields["response_format"] = {"type": "json_schema", "json_schema": schema}
+    return fields
 
 
 def _token_logprobs(choice: dict[str, Any]) -> list[float]:

@@ -182,6 +182,7 @@ class VLLMEngine:
         self.torch_dtype = resolve_dtype(dtype, "cpu" if on_cpu else "cuda")
         self.sleep_mode = sleep_mode
         self.stats = EngineStats()
+        self.grammars: Any = None  # `controls.check_controls` compiles schemas here to check them
         args: dict[str, Any] = dict(
             model=self.path,
             tokenizer=self.path,
@@ -192,6 +193,9 @@ class VLLMEngine:
             logprobs_mode="raw_logprobs",
             worker_extension_cls=f"{__name__}.WeightLoaderExtension",
             enable_sleep_mode=sleep_mode,
+            # JSON as the HF engines constrain it (`duetlm.engines.controls`): xgrammar, compact. vLLM
+            # reads the whitespace rule from the engine's config, not from a request.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
         if on_cpu:
             args["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
@@ -210,6 +214,11 @@ class VLLMEngine:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary (what a `logit_bias` id indexes; `controls.check_controls`)."""
+        return int(self.hf_config.get_text_config(decoder=True).vocab_size)
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         # Prompts come from the chat template, which already holds every special token needed.
@@ -240,7 +249,22 @@ class VLLMEngine:
             spaces_between_special_tokens=False,
             # We decode `text` ourselves; vLLM needs its own text only to match stop strings.
             detokenize=bool(sp.stop),
+            # Decoding controls (`duetlm.engines.controls` applies the same on the HF engines).
+            presence_penalty=sp.presence_penalty,
+            frequency_penalty=sp.frequency_penalty,
+            repetition_penalty=sp.repetition_penalty,
+            min_p=sp.min_p,
+            logit_bias=dict(sp.logit_bias) or None,
+            structured_outputs=self._structured(sp),
         )
+
+    def _structured(self, sp: SamplingParams) -> Any:
+        """vLLM's structured-output request for `sp.json_schema` (compact JSON, as the HF engines)."""
+        if sp.json_schema is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams(json=sp.json_schema)
 
     def generate_ids(
         self, prompt_ids: list[list[int]], sampling: SamplingParams, on_token: TokenCallback | None = None

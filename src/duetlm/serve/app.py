@@ -145,7 +145,15 @@ async def chat(request: Request) -> Any:
         )
     if route == "large" and parsed.request.logprobs:
         raise ApiError(400, "logprobs are not served on the :large route (M alone)", param="logprobs")
+    if route == "large" and dict(parsed.controls).get("json_schema") is not None:
+        raise ApiError(
+            400,
+            "response_format is not served on the :large route (M thinks before it answers); "
+            f"ask {cfg.model_name!r} or {cfg.model_name + ':small'!r}, where m writes the answer",
+            param="response_format",
+        )
     parsed = dataclasses.replace(parsed, route=route)
+    service.check_controls(parsed)
     with service.admitted() as keep:
         if not parsed.request.stream:
             return await _complete(service, parsed, started)

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from duetlm import protocol
-from duetlm.engines.base import Generation
+from duetlm.engines.base import JSON_OBJECT, Generation
 from duetlm.engines.hf import text_ids
 from duetlm.serve.config import ServeConfig
 from duetlm.streaming import answer_text
@@ -115,6 +115,20 @@ class ChatRequest(BaseModel):
     stream_options: _StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Decoding controls of the answering model (`duetlm.engines.controls`); `repetition_penalty` and
+    # `min_p` are vLLM's extensions.
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description='{"type": "text"}, {"type": "json_object"}, or {"type": "json_schema", '
+        '"json_schema": {"name": ..., "schema": {...}}}: the answer is JSON (matching the schema)',
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (in the answering model's vocabulary) -> bias in [-100, 100]"
+    )
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
 
 
 def served_names(model_name: str, role: str) -> list[str]:
@@ -155,6 +169,8 @@ class ParsedChat:
     messages: list[dict[str, str]]
     max_tokens: int
     route: str = "duet"  # `ROUTES`: which path the request's model name asked for
+    # The answering model's decoding controls as `SamplingParams` fields (`controls_of`).
+    controls: tuple[tuple[str, Any], ...] = ()
 
     @property
     def question(self) -> str:
@@ -205,18 +221,12 @@ def _bounded(value: int | None, default: int, name: str, limit: int) -> int:
 
 # OpenAI request fields duetlm does not implement: each is accepted at its neutral value (what the
 # API does without it) and otherwise refused with a 400 naming it, so that no client gets a 200 that
-# silently ignored what it asked for (JSON mode, tools, penalties, biases).
+# silently ignored what it asked for (tools, audio, reasoning effort).
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "tools": lambda v: v in (None, []),
     "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "logit_bias": lambda v: v is None or v == {},
-    "presence_penalty": lambda v: v is None or v == 0,
-    "frequency_penalty": lambda v: v is None or v == 0,
-    "repetition_penalty": lambda v: v is None or v == 1,
-    "min_p": lambda v: v is None or v == 0,
     "audio": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
     "prediction": lambda v: v is None,
@@ -321,6 +331,62 @@ def _duet_turns(messages: list[dict[str, Any]], system: str) -> list[dict[str, A
     return [*systems, *messages[head:]]
 
 
+def json_schema_of(response_format: dict[str, Any] | None) -> str | None:
+    """`SamplingParams.json_schema` for a request's `response_format`: None for text, `JSON_OBJECT`
+    for json_object, the schema's JSON text for json_schema; a 400 naming what is wrong."""
+    kind = (response_format or {}).get("type", "text")
+    if response_format is not None and "type" not in response_format:
+        raise ApiError(400, "response_format.type is required", param="response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT
+    if kind != "json_schema":
+        raise ApiError(
+            400,
+            f"response_format.type {kind!r} is not supported; use text, json_object or json_schema",
+            param="response_format.type",
+        )
+    spec = response_format.get("json_schema")  # type: ignore[union-attr]
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ApiError(
+            400,
+            "response_format.json_schema.schema must be a JSON schema object",
+            param="response_format.json_schema.schema",
+        )
+    return json.dumps(spec["schema"], sort_keys=True)
+
+
+def logit_bias_of(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """`SamplingParams.logit_bias` for a request's `logit_bias` (token ids as strings, biases in
+    [-100, 100], as OpenAI's); a 400 naming the entry that is not."""
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.isdigit():
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise ApiError(
+                400, f"logit_bias[{key!r}] must be between -100 and 100 (got {value})", param="logit_bias"
+            )
+        out.append((int(key), float(value)))
+    return tuple(sorted(out))
+
+
+def controls_of(req: ChatRequest) -> tuple[tuple[str, Any], ...]:
+    """The request's decoding controls as `SamplingParams` fields, those at their neutral value left
+    out (so a request without them samples exactly as before)."""
+    fields = {
+        "json_schema": json_schema_of(req.response_format),
+        "logit_bias": logit_bias_of(req.logit_bias),
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "min_p": req.min_p,
+    }
+    neutral = {"json_schema": None, "logit_bias": (), "repetition_penalty": 1.0}
+    return tuple((k, v) for k, v in fields.items() if v != neutral.get(k, 0.0))
+
+
 def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
     """Validate a request body for `cfg.role`; every failure is a 400 naming the field."""
     req = _validated(data)
@@ -334,7 +400,14 @@ def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _bounded(requested, default, name, cfg.max_tokens_limit)
     _bounded(req.max_signal_tokens, cfg.max_signal_tokens, "max_signal_tokens", cfg.max_tokens_limit)
-    return ParsedChat(req, messages, max_tokens)
+    controls = controls_of(req)
+    if cfg.role != "duet" and dict(controls).get("json_schema") is not None:
+        raise ApiError(
+            400,
+            "response_format is not served by a --role large server (its completion is M's thinking)",
+            param="response_format",
+        )
+    return ParsedChat(req, messages, max_tokens, controls=controls)
 
 
 # -- responses ---------------------------------------------------------------------------------------

@@ -211,9 +211,12 @@ class DuetService:
         stop: tuple[str, ...] = (),
         index: int = 0,
         logprobs: bool = False,
+        answering: bool = False,
     ) -> SamplingParams:
         """The sampling options of choice `index` (with n > 1 and a seed, choice i samples with seed + i,
-        so choice 0 is what the same request with n = 1 gets)."""
+        so choice 0 is what the same request with n = 1 gets). `answering`: the pass writes the
+        completion the client reads (m's answer; M's on the `:large` route and on a role-large
+        server), so the request's decoding controls apply; M's signal on a duet server takes none."""
         req = chat.request
         # Choice i samples with seed + i, wrapped into int64 (what the request's seed is, and what a
         # remote M's server accepts).
@@ -227,7 +230,29 @@ class DuetService:
             seed=seed,
             logprobs=logprobs,
             top_logprobs=req.top_logprobs or 0,  # SamplingParams drops it without logprobs
+            **(dict(chat.controls) if answering else {}),
         )
+
+    def answering_engine(self, chat: ParsedChat) -> Engine:
+        """The model whose generation is the completion: m on a duet server (but for `:large`), else M."""
+        if self.cfg.role == "duet" and chat.route != "large":
+            assert self.small is not None
+            return self.small
+        return self.large
+
+    def check_controls(self, chat: ParsedChat) -> None:
+        """A 400 before the request waits when the answering model cannot take its decoding controls
+        (a `logit_bias` id outside its vocabulary, a schema that does not compile)."""
+        if not chat.controls:
+            return
+        from duetlm.engines.controls import check_controls
+
+        sp = SamplingParams(**dict(chat.controls))
+        try:
+            check_controls(self.answering_engine(chat), sp)
+        except ValueError as err:
+            param = "response_format" if "schema" in str(err) else "logit_bias"
+            raise ApiError(400, str(err), param=param) from None
 
     def _large_request(self, chat: ParsedChat, index: int) -> tuple[StageKey, Any]:
         """Stage M's (key, payload): the question (role duet), or the templated conversation (role
@@ -235,7 +260,7 @@ class DuetService:
         if self.cfg.role == "duet":
             signal_cap = chat.request.max_signal_tokens or self.cfg.max_signal_tokens
             return stage_key(self._sampling(chat, signal_cap, index=index)), chat.question
-        base = self._sampling(chat, chat.max_tokens, chat.stop, index, chat.request.logprobs)
+        base = self._sampling(chat, chat.max_tokens, chat.stop, index, chat.request.logprobs, answering=True)
         key = stage_key(replace(self.pipeline, large_sampling=base).large_params())
         try:
             return key, protocol.large_chat_prompt(getattr(self.large, "tokenizer", None), chat.messages)
@@ -266,7 +291,10 @@ class DuetService:
     ) -> DuetOutcome:
         """Stage 2: m's answer to (x, z)."""
         assert self.small_stage is not None
-        key = stage_key(self._sampling(chat, chat.max_tokens, chat.stop, index, chat.request.logprobs))
+        params = self._sampling(
+            chat, chat.max_tokens, chat.stop, index, chat.request.logprobs, answering=True
+        )
+        key = stage_key(params)
         try:
             payload = (chat.question, outcome.signal.text)
             outcome.small = await self.small_stage.submit(key, payload, on_token)
@@ -352,7 +380,7 @@ class DuetService:
         assert self.respond_stage is not None
         signal_cap = chat.request.max_signal_tokens or self.cfg.max_signal_tokens
         # No stop strings in M's generation: they cut the answer (`choice_fields`), never the thinking.
-        params = self._sampling(chat, signal_cap + chat.max_tokens, index=index)
+        params = self._sampling(chat, signal_cap + chat.max_tokens, index=index, answering=True)
         try:
             g = await self.respond_stage.submit(stage_key(params), chat.question, sink("large"))
         except ApiError:
@@ -368,7 +396,7 @@ class DuetService:
         Kept, it is the choice's outcome; rejected, its generations are `spent`."""
         assert self.cascade is not None and self.small_stage is not None
         estimator = ESTIMATORS[self.cascade.estimator]
-        params = self._sampling(chat, chat.max_tokens, chat.stop, index, logprobs=True)
+        params = self._sampling(chat, chat.max_tokens, chat.stop, index, logprobs=True, answering=True)
         vote = replace(params, temperature=VOTE_TEMPERATURE, logprobs=False, top_logprobs=0)
         seeds = [
             None if vote.seed is None else (vote.seed + 1 + j) % 2**63 for j in range(self.cascade.votes)
