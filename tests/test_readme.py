@@ -41,6 +41,7 @@ RULES = [
     Rule(r"vllm serve", "skip", why="needs vLLM on a GPU and the Hub"),
     Rule(r"duetlm serve --role large --large Qwen/", "skip", why="downloads Qwen3-4B (the GPU box)"),
     Rule(r"duetlm serve --large-url http://gpu-box", "skip", why="needs the GPU box of the line above"),
+    Rule(r"duetlm serve --role small --small Qwen/", "skip", why="downloads Qwen3-0.6B (m's box)"),
     Rule(r"duetlm eval \.\.\. ", "skip", why="a pattern (`...`: the options of the block above)"),
     Rule(r"duetlm demo --quick$", "fast"),
     Rule(r"duetlm demo", "slow", toy="--quick", why="the full demo takes 10-20 minutes"),

@@ -244,8 +244,25 @@ def test_messages_round_trip_and_chat_endpoint_limits(tiny_tokenizer):
         tiny_tokenizer, protocol.large_messages(q)
     )
     assert protocol.large_stop_token_ids(protocol.CHAT_ENDPOINT) == ()
-    with pytest.raises(DuetError, match="m's prompt"):
-        protocol.small_prompt(protocol.CHAT_ENDPOINT, q, "z")
+    # m's prompt travels as its turns plus the assistant turn to continue, which a role-small server
+    # templates back into exactly the local prompt (with and without z, a conversation too).
+    convo = protocol.conversation_question(
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": q},
+        ]
+    )
+    for question in (q, convo):
+        for z in ("z", None):
+            sent = protocol.decode_messages(protocol.small_prompt(protocol.CHAT_ENDPOINT, question, z))
+            assert sent[-1] == {"role": "assistant", "content": protocol.thinking_block(z or "")}
+            assert protocol.small_chat_prompt(tiny_tokenizer, sent) == protocol.small_prompt(
+                tiny_tokenizer, question, z
+            )
+    alone = protocol.conversation(q)
+    assert protocol.small_chat_prompt(tiny_tokenizer, alone) == protocol.small_prompt(tiny_tokenizer, q)
     with pytest.raises(DuetError, match="truncation"):
         protocol.large_answer_prompt(protocol.CHAT_ENDPOINT, q, "z")
     with pytest.raises(DuetError, match="not chat messages"):

@@ -550,11 +550,9 @@ def test_unparseable_and_oversized_bodies(duet_url, client):
 # -- two servers: M behind `duetlm serve --role large`, m local in a duet server ------------------------
 
 
-@pytest.fixture(scope="module")
-def large_cli_url(tiny_dir):
-    """`duetlm serve --role large` in its own process; the port is read from uvicorn's log."""
-    cmd = [sys.executable, "-m", "duetlm.cli", "serve", "--role", "large", "--large", str(tiny_dir)]
-    cmd += ["--port", "0", "--device", "cpu", "--max-signal-tokens", str(SIGNAL_TOKENS)]
+def cli_server(args: list[str], what: str):
+    """`duetlm serve ARGS` in its own process, on a free port read from uvicorn's log: yields the URL."""
+    cmd = [sys.executable, "-m", "duetlm.cli", "serve", *args, "--port", "0", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     found: list[str] = []
@@ -573,7 +571,7 @@ def large_cli_url(tiny_dir):
         time.sleep(0.05)
     if not found:
         proc.kill()
-        pytest.fail("duetlm serve --role large did not start:\n" + "".join(log))
+        pytest.fail(f"duetlm serve {what} did not start:\n" + "".join(log))
     yield found[0]
     proc.terminate()
     try:
@@ -581,6 +579,20 @@ def large_cli_url(tiny_dir):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def large_cli_url(tiny_dir):
+    """`duetlm serve --role large` in its own process."""
+    args = ["--role", "large", "--large", str(tiny_dir), "--max-signal-tokens", str(SIGNAL_TOKENS)]
+    yield from cli_server(args, "--role large")
+
+
+@pytest.fixture(scope="module")
+def small_cli_url(tiny_llama_dir):
+    """`duetlm serve --role small` (m alone) in its own process."""
+    args = ["--role", "small", "--small", str(tiny_llama_dir), "--max-answer-tokens", str(ANSWER_TOKENS)]
+    yield from cli_server(args, "--role small")
 
 
 def test_role_large_serves_m_thinking(large_cli_url, local):
@@ -689,8 +701,15 @@ def test_a_full_queue_answers_503_at_once_and_recovers(engines):
     [
         (["--small", "m"], "exactly one of large"),
         (["--large", "M", "--large-url", "http://x:1", "--small", "m"], "exactly one of large"),
-        (["--large", "M"], "role duet needs small"),
+        (["--large", "M"], "role duet needs exactly one of small (m) and small_url"),
+        (
+            ["--large", "M", "--small", "m", "--small-url", "http://x:1"],
+            "exactly one of small (m) and small_url",
+        ),
         (["--role", "large", "--large", "M", "--small", "m"], "drop small"),
+        (["--role", "large", "--large", "M", "--small-url", "http://x:1"], "drop small"),
+        (["--role", "small", "--large", "M", "--small", "m"], "role small serves m alone"),
+        (["--role", "small"], "role small serves m alone"),
         (["--role", "both", "--large", "M"], "role"),
         (["--large", "M", "--small", "m", "--max-batch", "0"], "max_batch"),
     ],
@@ -1298,3 +1317,129 @@ def test_served_penalties_bias_and_min_p_equal_the_pipeline(client, local, engin
             # At T=1 the untrained m's near-flat logits hardly repeat a token: only bias and min_p show.
             changed = temperature == 0 or "logit_bias" in sampling or "min_p" in sampling
             assert (got != plain) == changed, (temperature, request, got, plain)
+
+
+# -- a remote m: `duetlm serve --role small`, and a duet server with --small-url (issue 16 item 4) -------
+
+
+def test_role_small_continues_the_assistant_turn_it_is_sent(small_cli_url, engines, local):
+    """m behind `--role small`: a final assistant message (m's turn opened with z, as `--small-url`
+    sends it) is continued exactly as the local pipeline's answer; a conversation ending with the
+    user's turn is m alone; log-probs and token ids come back."""
+    from duetlm.streaming import answer_text
+
+    c = openai.OpenAI(base_url=small_cli_url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in c.models.list().data] == ["small"]
+    z = "12 + 7 = 19"
+    messages = protocol.decode_messages(protocol.small_prompt(protocol.CHAT_ENDPOINT, Q, z))
+    go_on = {"continue_final_message": True, "add_generation_prompt": False}
+    options = dict(model="small", temperature=1.0, seed=SEED, max_tokens=ANSWER_TOKENS)
+    r = c.chat.completions.create(messages=messages, logprobs=True, extra_body=go_on, **options)
+    ((g,),) = replace(local, small_sampling=replace(local.small_sampling, logprobs=True)).answer(
+        [Q], [z], n=1
+    )
+    choice = r.choices[0]
+    assert choice.message.content == answer_text(g.text)
+    assert "reasoning_content" not in (choice.message.model_extra or {})
+    assert [t.logprob for t in choice.logprobs.content] == pytest.approx(
+        g.logprobs[: len(choice.logprobs.content)]
+    )
+    assert choice.model_extra["token_ids"] == g.token_ids
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(g.prompt_token_ids), g.num_tokens)
+    alone = c.chat.completions.create(messages=[{"role": "user", "content": Q}], **options)
+    assert alone.choices[0].message.content == local.small_only([Q])[0].answer
+    bad = [
+        (
+            {"messages": [{"role": "user", "content": Q}], "extra_body": go_on},
+            "needs an assistant message last",
+        ),
+        (
+            {"messages": messages, "extra_body": {"continue_final_message": True}},
+            "add_generation_prompt must be false",
+        ),
+    ]
+    for request, needle in bad:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            c.chat.completions.create(**options, **request)
+
+
+def test_duet_server_with_a_remote_small_reproduces_the_local_pipeline(
+    small_cli_url, large_cli_url, engines, local
+):
+    """`--small-url`: m behind a role-small server; with M local, and with M remote too (a duet server
+    holding no model at all). The answers, signals and usage are the local pipeline's, streamed (m's
+    answer relayed as its server streams it) and not, for one question and a conversation."""
+    convo = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": Q},
+    ]
+    (expected,) = local.run([Q])
+    (expected_convo,) = local.run([protocol.conversation_question(convo)])
+    remote_large = RemoteEngine(large_cli_url, api_key="")
+    for large in (engines[0], remote_large):
+        cfg = ServeConfig(
+            large="M" if large is engines[0] else None,
+            large_url=None if large is engines[0] else large_cli_url,
+            small_url=small_cli_url,
+            max_signal_tokens=SIGNAL_TOKENS,
+            max_answer_tokens=ANSWER_TOKENS,
+        )
+        server = start(cfg, large, RemoteEngine(small_cli_url, api_key=""))
+        try:
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            r = ask(c)
+            chunks = list(ask(c, stream=True))
+            two = c.chat.completions.create(
+                model="duet", messages=convo, temperature=1.0, seed=SEED, max_tokens=ANSWER_TOKENS
+            )
+            with pytest.raises(openai.BadRequestError, match="logprobs are not served with a remote m"):
+                ask(c, logprobs=True)
+            models = httpx.get(server.url + "/v1/models").json()["data"]
+        finally:
+            server.__exit__()
+        assert r.choices[0].message.reasoning_content == expected.signal.text
+        assert r.choices[0].message.content == expected.answer
+        assert r.usage.small == {
+            "prompt_tokens": len(expected.small.prompt_token_ids),
+            "completion_tokens": expected.small_tokens,
+        }
+        answer_deltas = [
+            ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content
+        ]
+        assert "".join(answer_deltas) == expected.answer and len(answer_deltas) >= 2
+        assert two.choices[0].message.content == expected_convo.answer
+        assert two.choices[0].message.reasoning_content == expected_convo.signal.text
+        assert models[0]["small"] == small_cli_url
+
+
+def test_a_cascade_with_a_remote_small_reads_its_log_probs(small_cli_url, engines, local):
+    """The cascade's logprob estimator on a remote m: its server's log-probs decide, as the local
+    cascade's do."""
+    from duetlm.cascade import parse_cascade
+
+    spec = "logprob@0.5"
+    cfg = ServeConfig(
+        large="M",
+        small_url=small_cli_url,
+        cascade=spec,
+        max_signal_tokens=SIGNAL_TOKENS,
+        max_answer_tokens=ANSWER_TOKENS,
+    )
+    server = start(cfg, engines[0], RemoteEngine(small_cli_url, api_key=""))
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        r = ask(c, temperature=0.0)
+    finally:
+        server.__exit__()
+    greedy = replace(
+        local,
+        large_sampling=replace(local.large_sampling, temperature=0.0),
+        small_sampling=replace(local.small_sampling, temperature=0.0),
+    )
+    (expected,) = greedy.cascade([Q], parse_cascade(spec))
+    duet = r.choices[0].model_extra["duet"]
+    assert duet["confidence"] == pytest.approx(expected.confidence, abs=1e-4)
+    assert duet["large_called"] == expected.large_called
+    assert r.choices[0].message.content == expected.answer

@@ -31,9 +31,16 @@ template, so M's "prompt" is the chat messages themselves: an engine that carrie
 its tokenizer gets from `large_prompt` the messages encoded as text (`encode_messages`), and reads them
 back with `decode_messages`. M's user turn is written in one place (`large_messages`) for a local and a
 remote M alike, and duetlm's own `--role large` server templates a request with `large_chat_prompt`, so
-a remote M behind duetlm sees byte for byte the prompt a local M would. m's prompt and the truncation
-baseline's prompt continue an assistant turn, which a chat endpoint cannot do portably: they need m's
-(or M's) tokenizer locally.
+a remote M behind duetlm sees byte for byte the prompt a local M would.
+
+m behind a chat endpoint (`duetlm serve --small-url`). m's prompt continues an assistant turn (the
+thinking block holding z), which the chat API does only through vLLM's extension
+`continue_final_message` (SGLang has it too): `small_prompt(CHAT_ENDPOINT, ...)` encodes m's turns plus
+a final assistant message holding the thinking block, and `RemoteEngine` sends a conversation that ends
+with an assistant message with `continue_final_message: true, add_generation_prompt: false`. duetlm's
+own `--role small` server builds the prompt of such a request with `small_chat_prompt` (the template
+over the earlier turns, then the final message's text as it is), which is `small_prompt` byte for byte.
+The truncation baseline's answer prompt still needs M's tokenizer locally.
 """
 
 from __future__ import annotations
@@ -252,18 +259,35 @@ def small_prompt(tokenizer: Any, question: str, signal: str | None = None, at_on
     """m's prompt, with z (`signal`) or without it (`None` or ""); one builder for both. `at_once`
     ends it with `ANSWER_AT_ONCE` where the vocabulary spells it (`at_once_by_prefix`), so m writes
     its final answer with no reasoning of its own (the "m alone, answering at once" baseline); the
-    answer then begins with that prefix (`answer_text`)."""
-    _needs_local(tokenizer, "m's prompt")
-    # enable_thinking=True keeps the template from inserting its own empty block; we insert ours.
+    answer then begins with that prefix (`answer_text`). With `CHAT_ENDPOINT` (m behind a server):
+    the turns and the opening of m's assistant turn as encoded messages (the module docstring)."""
     turns = _for(conversation(question), "small")
-    prompt = _template(tokenizer, turns, enable_thinking=True) + thinking_block(signal or "")
-    return prompt + ANSWER_AT_ONCE if at_once and at_once_by_prefix(tokenizer) else prompt
+    opening = thinking_block(signal or "")
+    if at_once and at_once_by_prefix(tokenizer):
+        opening += ANSWER_AT_ONCE
+    if isinstance(tokenizer, ChatEndpoint):  # the assistant turn to continue travels as a message
+        return encode_messages([*turns, {"role": "assistant", "content": opening}])
+    # enable_thinking=True keeps the template from inserting its own empty block; we insert ours.
+    return _template(tokenizer, turns, enable_thinking=True) + opening
+
+
+def small_chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """m's prompt for a chat request to a `--role small` server: a conversation ending with an
+    assistant message continues that message (vLLM's `continue_final_message`: the template over the
+    earlier turns, then its text as it is, so `small_prompt`'s encoded messages give `small_prompt`'s
+    text); one ending with the user's is m alone (`small_prompt` with no signal)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return _template(tokenizer, messages[:-1], enable_thinking=True) + messages[-1]["content"]
+    return _template(tokenizer, messages, enable_thinking=True) + thinking_block("")
 
 
 def at_once_by_prefix(tokenizer: Any) -> bool:
     """Whether m's answer can be begun with `ANSWER_AT_ONCE`: the vocabulary spells it with no unknown
     token (BPE vocabularies do). The lab's word-level vocabulary holds `\\boxed{v}` only as whole
-    words; there m answers at once by having room for one boxed value only (`at_once_cap`)."""
+    words; there m answers at once by having room for one boxed value only (`at_once_cap`). A server's
+    vocabulary (`CHAT_ENDPOINT`) is taken to spell it: the models served are BPE."""
+    if isinstance(tokenizer, ChatEndpoint):
+        return True
     ids = tokenizer(ANSWER_AT_ONCE, add_special_tokens=False)["input_ids"]
     unk = getattr(tokenizer, "unk_token_id", None)
     return bool(ids) and unk not in ids and tokenizer.decode(ids) == ANSWER_AT_ONCE

@@ -8,7 +8,8 @@ How prompts travel (a decision; see `duetlm.protocol`'s docstring). The engine s
 not raw completions: the server applies M's own chat template (so no tokenizer is needed here, and
 chat-only endpoints work). Its `tokenizer` is `protocol.CHAT_ENDPOINT`, so `DuetPipeline.think` builds
 M's prompt through `protocol.large_prompt` as for a local M, and that prompt is the encoded messages.
-Only M's prompt can travel this way; m's prompt continues an assistant turn and needs m locally.
+m's prompt travels too (`duetlm serve --small-url`): it continues an assistant turn, so its messages
+end with that turn and the request asks for vLLM's `continue_final_message` (see `protocol`).
 
 What comes back. M's thinking is read from `message.reasoning_content` or `message.reasoning` (servers
 with a reasoning parser), else from thinking tags in `message.content`; `response_text` rebuilds the
@@ -324,6 +325,9 @@ class RemoteEngine:
             body["top_k"] = sp.top_k
         if sp.stop_token_ids:
             body["stop_token_ids"] = list(sp.stop_token_ids)
+        if messages and messages[-1]["role"] == "assistant":  # m's turn, opened with z: continue it
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         body.update(control_fields(sp))
         body.update(self.extra_body)
         return body

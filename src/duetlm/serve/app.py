@@ -38,7 +38,7 @@ ACCESS_LOG = logging.getLogger("duetlm.access")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 router = APIRouter()
-large_router = APIRouter()  # role large only
+large_router = APIRouter()  # roles large and small: one model served (its /tokenize)
 
 
 def service_of(request: Request) -> DuetService:
@@ -93,7 +93,7 @@ async def models(request: Request) -> dict[str, Any]:
             "role": cfg.role,
             "route": route,
             "large": cfg.large or cfg.large_url,
-            "small": cfg.small,
+            "small": cfg.small or cfg.small_url,
         }
         for suffix, route in suffixes.items()
     ]
@@ -153,7 +153,7 @@ async def chat(request: Request) -> Any:
             param="response_format",
         )
     parsed = dataclasses.replace(parsed, route=route)
-    service.check_controls(parsed)
+    service.check_request(parsed)
     with service.admitted() as keep:
         if not parsed.request.stream:
             return await _complete(service, parsed, started)
@@ -195,7 +195,8 @@ async def tokenize(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
         raise ApiError(400, "prompt is required: a string to tokenize", param="prompt")
     loop = asyncio.get_running_loop()
-    count = await loop.run_in_executor(None, service.large.count_tokens, data["prompt"])
+    engine = service.small if service.cfg.role == "small" else service.large
+    count = await loop.run_in_executor(None, engine.count_tokens, data["prompt"])  # type: ignore[union-attr]
     return {"count": count}
 
 
@@ -292,7 +293,7 @@ def create_app(service: DuetService) -> FastAPI:
     app.middleware("http")(count)  # added after `authorise`, so it wraps it
     app.middleware("http")(identify)  # the last added is the outermost: 401s and 404s get an id too
     app.include_router(router)
-    if cfg.role == "large":
+    if cfg.role != "duet":
         app.include_router(large_router)
     _describe_chat_body(app, cfg)
     return app

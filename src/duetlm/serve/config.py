@@ -14,14 +14,23 @@ from duetlm.errors import DuetError
 class ServeConfig(Strict):
     """Options of `duetlm serve` (the CLI flags of the same names)."""
 
-    role: Literal["duet", "large"] = Field(
-        "duet", description="duet: M thinks, m answers; large: serve M alone"
+    role: Literal["duet", "large", "small"] = Field(
+        "duet",
+        description="duet: M thinks, m answers; large: serve M's thinking alone; small: serve m alone "
+        "(a duet server's --small-url)",
     )
     large: str | None = Field(None, description="M: hub id, local dir, .gguf file or short name")
     large_url: str | None = Field(
         None, description="M behind an OpenAI-compatible server (vLLM, SGLang, duetlm) instead"
     )
-    small: str | None = Field(None, description="m (role duet): hub id, local dir, .gguf file or short name")
+    small: str | None = Field(
+        None, description="m (roles duet, small): hub id, local dir, .gguf file or short name"
+    )
+    small_url: str | None = Field(
+        None,
+        description="m behind an OpenAI-compatible server that continues an assistant turn "
+        "(duetlm serve --role small, vLLM) instead",
+    )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     engine: Literal["hf", "vllm"] = Field("hf", description="engine of the local models (vllm: its own venv)")
@@ -60,10 +69,16 @@ class ServeConfig(Strict):
     )
     temperature: float = Field(0.0, ge=0.0, description="default temperature (0 = greedy)")
     max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
-    remote_timeout_s: float = Field(120.0, gt=0, description="per-request timeout towards --large-url")
-    remote_max_retries: int = Field(4, ge=0, description="retries towards --large-url")
-    remote_backoff_s: float = Field(0.5, ge=0, description="first backoff delay towards --large-url")
-    remote_concurrency: int = Field(16, ge=1, description="requests in flight towards --large-url")
+    remote_timeout_s: float = Field(
+        120.0, gt=0, description="per-request timeout towards --large-url / --small-url"
+    )
+    remote_max_retries: int = Field(4, ge=0, description="retries towards --large-url / --small-url")
+    remote_backoff_s: float = Field(
+        0.5, ge=0, description="first backoff delay towards --large-url / --small-url"
+    )
+    remote_concurrency: int = Field(
+        16, ge=1, description="requests in flight towards each of --large-url / --small-url"
+    )
     cascade: str | None = Field(
         None,
         description="m answers first and M is called only where m is unsure: logprob@T or consistency@K@T "
@@ -89,12 +104,20 @@ class ServeConfig(Strict):
 
     @model_validator(mode="after")
     def _check_models(self) -> ServeConfig:
-        if (self.large is None) == (self.large_url is None):
+        if self.role == "small":
+            if self.small is None or self.large is not None or self.large_url or self.small_url:
+                raise ValueError(
+                    "role small serves m alone: give small (a model), and no large, large_url or small_url"
+                )
+        elif (self.large is None) == (self.large_url is None):
             raise ValueError("give exactly one of large (a model) and large_url (a server)")
-        if self.role == "duet" and self.small is None:
-            raise ValueError("role duet needs small (m); use role large to serve M alone")
-        if self.role == "large" and self.small is not None:
-            raise ValueError("role large serves M alone: drop small")
+        if self.role == "duet" and (self.small is None) == (self.small_url is None):
+            raise ValueError(
+                "role duet needs exactly one of small (m) and small_url (m behind a server); "
+                "use role large to serve M alone"
+            )
+        if self.role == "large" and (self.small is not None or self.small_url is not None):
+            raise ValueError("role large serves M alone: drop small / small_url")
         if self.role != "duet" and (self.large_fallback != "fail" or self.large_timeout_s is not None):
             raise ValueError("large_fallback and large_timeout_s apply to role duet (M's pass before m's)")
         if self.cascade is not None:

@@ -125,6 +125,10 @@ class ChatRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(
         None, description="token id (in the answering model's vocabulary) -> bias in [-100, 100]"
     )
+    # vLLM's extensions for continuing an assistant turn: what a duet server's remote m is sent
+    # (`RemoteEngine`, `--small-url`); served by role small only.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
@@ -290,7 +294,8 @@ def _conversation(req: ChatRequest, cfg: ServeConfig) -> list[dict[str, str]]:
                 param=f"messages[{i}].role",
             )
         messages.append({"role": m.role, "content": _text(m.content, f"messages[{i}]")})
-    if messages[-1]["role"] != "user":
+    _check_continuation(req, cfg.role, messages[-1]["role"])
+    if messages[-1]["role"] != "user" and not req.continue_final_message:
         raise ApiError(
             400, f"the last message must come from the user (got {messages[-1]['role']!r})", param="messages"
         )
@@ -299,6 +304,30 @@ def _conversation(req: ChatRequest, cfg: ServeConfig) -> list[dict[str, str]]:
     if not messages[-1]["content"].strip():
         raise ApiError(400, f"messages[{len(messages) - 1}].content is empty", param="messages")
     return messages
+
+
+def _check_continuation(req: ChatRequest, role: str, last: str) -> None:
+    """`continue_final_message` (vLLM's): a role-small server continues a final assistant message
+    (m's turn opened with z) instead of starting a new turn; `add_generation_prompt` must then be
+    false, as vLLM requires, and true otherwise."""
+    if req.continue_final_message and role != "small":
+        raise ApiError(
+            400,
+            "continue_final_message is served by a --role small server only",
+            param="continue_final_message",
+        )
+    if req.continue_final_message and last != "assistant":
+        raise ApiError(
+            400,
+            f"continue_final_message needs an assistant message last (got {last!r})",
+            param="continue_final_message",
+        )
+    if req.add_generation_prompt == req.continue_final_message:
+        raise ApiError(
+            400,
+            "add_generation_prompt must be false with continue_final_message and true without it",
+            param="add_generation_prompt",
+        )
 
 
 def _duet_turns(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
@@ -395,7 +424,7 @@ def parse_chat(data: Any, cfg: ServeConfig) -> ParsedChat:
         raise ApiError(400, f"n must be between 1 and {cfg.max_n} (got {req.n})", param="n")
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    default = cfg.max_answer_tokens if cfg.role == "duet" else cfg.max_signal_tokens
+    default = cfg.max_signal_tokens if cfg.role == "large" else cfg.max_answer_tokens
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _bounded(requested, default, name, cfg.max_tokens_limit)
@@ -544,12 +573,15 @@ def choice_fields(chat: ParsedChat, outcome: DuetOutcome) -> tuple[str, str]:
 
 def extensions(role: str, outcome: DuetOutcome) -> dict[str, Any]:
     """Fields beyond the OpenAI choice: for role large, what `RemoteEngine` needs to rebuild M's
-    raw text and count its tokens exactly (vLLM's `stop_reason` and `token_ids`)."""
+    raw text and count its tokens exactly (vLLM's `stop_reason` and `token_ids`); for role small,
+    m's `token_ids`."""
     if role == "large" and outcome.large is not None:
         return {
             "stop_reason": protocol.THINK_CLOSE if outcome.signal.complete else None,
             "token_ids": list(outcome.large.token_ids),
         }
+    if role == "small" and outcome.small is not None:
+        return {"token_ids": list(outcome.small.token_ids)}
     return {}
 
 
@@ -591,7 +623,8 @@ def completion(served: Served, chat: ParsedChat, outcomes: list[DuetOutcome]) ->
     choices = []
     for i, outcome in enumerate(outcomes):
         content, finish = choice_fields(chat, outcome)
-        message = {"role": "assistant", "content": content, **reasoning(outcome.signal.text)}
+        thinking = reasoning(outcome.signal.text) if served.role != "small" else {}
+        message = {"role": "assistant", "content": content, **thinking}
         choices.append(
             {
                 "index": i,

@@ -37,15 +37,16 @@ class DuetService:
     """The engines, the pipeline, the batchers and the admission bound behind the HTTP routes.
 
     Stage M runs `DuetPipeline.think` (role duet) or M on the templated conversation (role large);
-    stage m runs `DuetPipeline.answer`. Engine calls run in worker threads, one per local engine, so
-    torch work on an engine is serialised and never blocks the event loop.
+    stage m runs `DuetPipeline.answer` (role duet) or m on the templated conversation (role small:
+    `protocol.small_chat_prompt`, no M at all: `large` is None). Engine calls run in worker threads,
+    one per local engine, so torch work on an engine is serialised and never blocks the event loop.
     """
 
-    def __init__(self, cfg: ServeConfig, large: Engine, small: Engine | None = None) -> None:
+    def __init__(self, cfg: ServeConfig, large: Engine | None, small: Engine | None = None) -> None:
         self.cfg = cfg
         self.large = large
         self.small = small
-        self.pipeline = DuetPipeline(large, small)
+        self.pipeline = DuetPipeline(large, small)  # type: ignore[arg-type]  (role small: no M)
         self.served = Served(
             cfg.model_name, cfg.role, TokenText.of(large), TokenText.of(small) if small is not None else None
         )
@@ -53,13 +54,15 @@ class DuetService:
         self.draining = False  # set on SIGTERM: admitted requests finish, new ones get a 503
         self._executors: dict[int, ThreadPoolExecutor] = {}
         self._continuous: dict[int, Any] = {}
+        self.large_stage: Stage | None = None
+        self.small_stage: Stage | None = None
         if cfg.role == "duet":
             self.large_stage = self._stage("large", self._run_think, self._prepare_think, large)
-        else:
+            self.small_stage = self._stage("small", self._run_answer, self._prepare_answer, small)
+        elif cfg.role == "large":
             self.large_stage = self._stage("large", self._run_large_chat, self._prepare_chat, large)
-        self.small_stage = (
-            self._stage("small", self._run_answer, self._prepare_answer, small) if small is not None else None
-        )
+        else:
+            self.small_stage = self._stage("small", self._run_small_chat, self._prepare_small_chat, small)
         # The `:large` route (M alone answers): M's prompt without the stop at the end of thinking.
         self.respond_stage = (
             self._stage("large_alone", self._run_respond, self._prepare_respond, large)
@@ -143,6 +146,11 @@ class DuetService:
     ) -> list[Generation]:
         return [gs[0] for gs in generate_streaming(self.large, prompts, key.params, row_sinks(sinks))]
 
+    def _run_small_chat(
+        self, key: StageKey, prompts: list[str], sinks: list[TokenSink | None]
+    ) -> list[Generation]:
+        return [gs[0] for gs in generate_streaming(self.small, prompts, key.params, row_sinks(sinks))]
+
     # What a continuous stage hands its batcher: the same prompts and sampling as the batch functions.
     def _prepare_think(self, key: StageKey, question: str) -> tuple[list[int], SamplingParams]:
         pipe = replace(self.pipeline, large_sampling=key.params)
@@ -158,6 +166,9 @@ class DuetService:
 
     def _prepare_chat(self, key: StageKey, prompt: str) -> tuple[list[int], SamplingParams]:
         return self.large.encode([prompt])[0], key.params  # type: ignore[attr-defined]
+
+    def _prepare_small_chat(self, key: StageKey, prompt: str) -> tuple[list[int], SamplingParams]:
+        return self.small.encode([prompt])[0], key.params  # type: ignore[union-attr]
 
     # -- admission ----------------------------------------------------------------------------------
 
@@ -234,15 +245,21 @@ class DuetService:
         )
 
     def answering_engine(self, chat: ParsedChat) -> Engine:
-        """The model whose generation is the completion: m on a duet server (but for `:large`), else M."""
-        if self.cfg.role == "duet" and chat.route != "large":
+        """The model whose generation is the completion: m on duet (but for `:large`) and small
+        servers, else M."""
+        if self.cfg.role == "small" or (self.cfg.role == "duet" and chat.route != "large"):
             assert self.small is not None
             return self.small
-        return self.large
+        return self.large  # type: ignore[return-value]  (roles duet and large have M)
 
-    def check_controls(self, chat: ParsedChat) -> None:
-        """A 400 before the request waits when the answering model cannot take its decoding controls
-        (a `logit_bias` id outside its vocabulary, a schema that does not compile)."""
+    def check_request(self, chat: ParsedChat) -> None:
+        """A 400 before the request waits when the answering model cannot take it: log-probs from a
+        remote m (its server names tokens by text, so the ids and their spelling are not known here),
+        or decoding controls it cannot apply (a `logit_bias` id outside its vocabulary, a schema that
+        does not compile)."""
+        remote_small = self.cfg.small_url is not None and chat.route != "large"
+        if remote_small and chat.request.logprobs:
+            raise ApiError(400, "logprobs are not served with a remote m (--small-url)", param="logprobs")
         if not chat.controls:
             return
         from duetlm.engines.controls import check_controls
@@ -319,6 +336,11 @@ class DuetService:
             # result is set after its tokens, through the same loop, so it cannot overtake them).
             return lambda output: loop.call_soon_threadsafe(events.put_nowait, (index, kind, output))
 
+        if self.cfg.role == "small":
+            outcome = await self.small_chat(chat, index, sink("small"))
+            if events is not None:
+                events.put_nowait((index, "done", outcome))
+            return outcome
         if chat.route != "duet":
             outcome = await self.alone(chat, index, sink)
             if events is not None:
@@ -389,6 +411,25 @@ class DuetService:
             raise upstream_error(err) from err
         thinking, _ = protocol.split_response(g.text)
         return DuetOutcome(g, protocol.Signal(thinking, complete=protocol.THINK_CLOSE in g.text))
+
+    async def small_chat(self, chat: ParsedChat, index: int, on_token: TokenSink | None) -> DuetOutcome:
+        """Role small: m on the conversation (`protocol.small_chat_prompt`: a final assistant message
+        is continued, as a duet server's `--small-url` sends m's turn opened with z)."""
+        assert self.small_stage is not None and self.small is not None
+        params = self._sampling(
+            chat, chat.max_tokens, chat.stop, index, chat.request.logprobs, answering=True
+        )
+        try:
+            prompt = protocol.small_chat_prompt(getattr(self.small, "tokenizer", None), chat.messages)
+        except DuetError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        try:
+            g = await self.small_stage.submit(stage_key(params), prompt, on_token)
+        except ApiError:
+            raise
+        except Exception as err:
+            raise upstream_error(err) from err
+        return DuetOutcome(None, protocol.Signal("", complete=True), g)
 
     async def first_answer(self, chat: ParsedChat, index: int) -> DuetOutcome:
         """The cascade's first pass (`duetlm.cascade`): m answers alone, not streamed (it may be
@@ -501,20 +542,25 @@ def build_service(cfg: ServeConfig) -> DuetService:
     def local(spec: str) -> Engine:
         return build_engine(ModelConfig(path=spec, dtype=cfg.dtype, device=cfg.device, engine=cfg.engine))
 
-    if cfg.large_url is not None:
+    def remote(url: str) -> Engine:
         from duetlm.engines.remote import RemoteEngine
 
-        large: Engine = RemoteEngine(
-            cfg.large_url,
+        return RemoteEngine(
+            url,
             timeout=cfg.remote_timeout_s,
             max_retries=cfg.remote_max_retries,
             backoff=cfg.remote_backoff_s,
             max_concurrency=cfg.remote_concurrency,
         )
-    else:
-        assert cfg.large is not None
+
+    large: Engine | None = None
+    if cfg.large_url is not None:
+        large = remote(cfg.large_url)
+    elif cfg.large is not None:
         large = local(cfg.large)
     small = None
-    if cfg.small is not None:
+    if cfg.small_url is not None:
+        small = remote(cfg.small_url)
+    elif cfg.small is not None:
         small = large if cfg.small == cfg.large else local(cfg.small)
     return DuetService(cfg, large, small)

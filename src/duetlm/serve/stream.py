@@ -82,8 +82,9 @@ class ChatStream:
             delta = openai.reasoning(view.push_text(value) if isinstance(value, str) else view.push(value))
         elif kind == "signal":
             delta = openai.reasoning(self.signals[index].finish(value.signal.text))
-        else:  # small
-            delta = {"content": self.answers[index].push(value)}
+        else:  # small: a token id, or text from a remote m
+            view = self.answers[index]
+            delta = {"content": view.push_text(value) if isinstance(value, str) else view.push(value)}
         if not next(iter(delta.values()), ""):
             return []
         self._first_text("signal" if "reasoning_content" in delta else "answer")
