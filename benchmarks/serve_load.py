@@ -17,6 +17,7 @@ a hub id). Client and server share this machine's CPUs: on a busy machine the fi
     python benchmarks/serve_load.py --large smollm2-135m --small smollm2-135m --requests 64
     python benchmarks/serve_load.py --stream             # SSE: also when the first signal / answer text came
     python benchmarks/serve_load.py --modes continuous --baseline-rev 542fa3f   # this tree against a commit
+    .venv-vllm/bin/python benchmarks/serve_load.py --engine vllm --modes continuous,window  # vLLM async vs offline
 
 `--baseline-rev REV` runs every mode twice in the same command, the second time on the package as it
 was at REV (a `git worktree` of it, imported through PYTHONPATH, same virtualenv), and prints the
@@ -244,6 +245,12 @@ def main() -> None:
         "--stream", action="store_true", help="SSE requests; also time the first signal and answer deltas"
     )
     parser.add_argument("--baseline-rev", help="also run each mode on the package at this git revision")
+    parser.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="vllm (from .venv-vllm): continuous = vLLM's async engine, window = its offline engine",
+    )
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -253,6 +260,7 @@ def main() -> None:
         large, small = large or tiny_large, small or tiny_small
     common = ["--large", large, "--small", small, "--device", "cpu", "--max-queue", str(4 * args.concurrency)]
     common += ["--max-signal-tokens", str(args.signal_tokens), "--max-answer-tokens", str(args.answer_tokens)]
+    common += ["--engine", args.engine]
     batch = ["--max-batch", str(args.max_batch)]
     all_modes = {
         "continuous": (f"continuous (B={args.max_batch})", common + batch + ["--batching", "continuous"]),
@@ -275,7 +283,7 @@ def main() -> None:
     modes = dict(all_modes[m] for m in args.modes.split(","))
     print(
         f"duetlm serve load: {args.requests} requests, concurrency {args.concurrency}, M={large}, m={small}, "
-        f"signal<={args.signal_tokens}, answer<={args.answer_tokens} tokens, temperature {args.temperature:g}, {args.threads} torch threads"
+        f"signal<={args.signal_tokens}, answer<={args.answer_tokens} tokens, temperature {args.temperature:g}, {args.threads} torch threads, engine {args.engine}"
         + (", streamed (SSE)" if args.stream else "")
     )
     baseline_src = None

@@ -421,3 +421,94 @@ def test_decoding_controls_match_hf(tiny_vllm, tiny_hf):
     for engine in (tiny_vllm, tiny_hf):
         for (g,) in engine.generate(prompts, sp):
             jsonschema.validate(json.loads(g.text), schema)
+
+
+@pytest.fixture(scope="module")
+def async_server(tiny_pair):
+    """A duet server on vLLM's async engine (`--engine vllm`, continuous batching: the default), M and
+    m one engine, built by `build_service` as `duetlm serve` builds it."""
+    _require_vllm()
+    from duetlm.serve import ServeConfig, ServerThread, build_service, create_app
+
+    cfg = ServeConfig(
+        large=str(tiny_pair[0]),
+        small=str(tiny_pair[0]),
+        engine="vllm",
+        dtype="float32",
+        max_signal_tokens=24,
+        max_answer_tokens=24,
+        max_tokens_limit=400,
+        vllm_max_model_len=512,
+    )
+    service = build_service(cfg)
+    with ServerThread(create_app(service)) as server:
+        yield server.url, service
+
+
+@pytest.mark.vllm
+def test_async_vllm_serves_what_the_hf_pipeline_computes(async_server, tiny_hf):
+    """Greedy fp32: each of 8 concurrent requests (they share vLLM's running batch) gets the HF
+    pipeline's signal and answer; streamed, tokens arrive one engine step at a time."""
+    import openai
+
+    from duetlm.pipeline import DuetPipeline
+
+    url, service = async_server
+    assert service.large.name == "vllm-async" and service.small is service.large
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    questions = [f"What is {i} + {2 * i}?" for i in range(8)]
+    ref = DuetPipeline(
+        tiny_hf,
+        tiny_hf,
+        large_sampling=SamplingParams(temperature=0.0, max_new_tokens=24),
+        small_sampling=SamplingParams(temperature=0.0, max_new_tokens=24),
+    ).run(questions)
+
+    def ask(q: str, **kw):
+        return c.chat.completions.create(model="duet", messages=[{"role": "user", "content": q}], **kw)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, questions))
+    for r, expected in zip(got, ref, strict=True):
+        assert r.choices[0].message.reasoning_content == expected.signal.text
+        assert r.choices[0].message.content == expected.answer
+        assert r.usage.large["completion_tokens"] == expected.large_tokens
+    chunks = list(ask(questions[0], stream=True))
+    reasoning = [ch.choices[0].delta.model_extra.get("reasoning_content") for ch in chunks if ch.choices]
+    assert "".join(r or "" for r in reasoning) == ref[0].signal.text
+    assert sum(1 for r in reasoning if r) >= 3
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref[0].answer
+    assert service.large.requests >= 8 * 2
+
+
+@pytest.mark.vllm
+def test_async_vllm_aborts_a_request_whose_client_left(async_server):
+    """A streamed request closed after its first chunks is aborted inside vLLM: its generation was
+    cancelled mid-way (not finished), and the engine holds no unfinished request soon after."""
+    import time
+
+    import httpx
+
+    url, service = async_server
+    body = {
+        "model": "duet",
+        "messages": [{"role": "user", "content": "Count."}],
+        "max_signal_tokens": 380,
+        "max_tokens": 4,
+        "temperature": 1.0,
+        "stream": True,
+    }
+    aborted = service.large.aborted
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    processor = service.large.engine.output_processor
+    deadline = time.monotonic() + 20
+    while processor.get_num_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processor.get_num_unfinished_requests() == 0
+    assert service.large.aborted == aborted + 1  # cancelled while vLLM generated, not finished
+    assert httpx.get(url + "/health").json()["in_flight"] == 0

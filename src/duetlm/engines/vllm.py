@@ -205,7 +205,11 @@ class VLLMEngine:
                 args["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         args.update(llm_kwargs or {})
         self._vllm = vllm
-        self.llm = vllm.LLM(**args)
+        self._start(args)
+
+    def _start(self, args: dict[str, Any]) -> None:
+        """Build vLLM's engine from the arguments `__init__` resolved (`AsyncVLLMEngine`: its own)."""
+        self.llm = self._vllm.LLM(**args)
 
     def __repr__(self) -> str:
         return f"VLLMEngine({self.spec!r}, dtype={self.torch_dtype})"

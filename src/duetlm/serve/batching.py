@@ -1,5 +1,6 @@
 """How a stage (M, or m) batches its requests: `WindowBatcher` (a batch per window, one engine call
-each) or `ContinuousStage` (requests join a local HF model's running batch at each decode step)."""
+each), `ContinuousStage` (requests join a local HF model's running batch at each decode step) or
+`AsyncEngineStage` (requests go to vLLM's async engine, whose scheduler batches them)."""
 
 from __future__ import annotations
 
@@ -224,4 +225,33 @@ class ContinuousStage:
             raise shutting_down() from None
 
 
-Stage = WindowBatcher | ContinuousStage
+@dataclass
+class AsyncEngineStage:
+    """One stage on vLLM's async engine (`engines.vllm_async.AsyncVLLMEngine`, `--engine vllm`): each
+    request goes straight to vLLM's scheduler, which batches continuously; tokens come back at each
+    engine step; a cancelled request (a client that went away) is aborted inside vLLM.
+
+    `prepare(key, payload) -> (prompt ids, sampling)`, as for `ContinuousStage`."""
+
+    name: str
+    prepare: Callable[[Hashable, Any], tuple[list[int], SamplingParams]]
+    engine: Any  # engines.vllm_async.AsyncVLLMEngine
+    stats: BatchStats = field(default_factory=BatchStats)  # calls = requests: vLLM batches them
+
+    def start(self) -> None:
+        pass  # the service starts the engine (it must be built in the serving event loop)
+
+    async def stop(self) -> None:
+        pass  # the service shuts the engine down
+
+    async def submit(self, key: Hashable, payload: Any, on_token: TokenSink | None = None) -> Any:
+        prompt_ids, params = self.prepare(key, payload)
+        self.stats.calls += 1
+        self.stats.requests += 1
+        try:
+            return await self.engine.generate_one(prompt_ids, params, on_token)
+        except ValueError as err:
+            raise ApiError(400, f"the {self.name} model cannot take this request: {err}") from None
+
+
+Stage = WindowBatcher | ContinuousStage | AsyncEngineStage

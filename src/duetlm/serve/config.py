@@ -33,13 +33,21 @@ class ServeConfig(Strict):
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
-    engine: Literal["hf", "vllm"] = Field("hf", description="engine of the local models (vllm: its own venv)")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="engine of the local models (vllm: its own venv; vLLM's async engine, or its "
+        "offline engine in windows with --batching window)",
+    )
+    vllm_max_model_len: int | None = Field(
+        None, ge=1, description="--engine vllm: prompt + generated tokens per sequence (default: the model's)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: DType = Field("auto", description="weights dtype; auto = float32 on CPU, bfloat16 on CUDA")
     served_model_name: str | None = Field(None, description="the model name clients use (default: the role)")
     batching: Literal["continuous", "window"] = Field(
         "continuous",
-        description="continuous: requests join a local HF model's running batch at each step; window",
+        description="continuous: requests join the running batch at each step (HF: duetlm's batcher; "
+        "vllm: vLLM's async engine); window: a batch per window",
     )
     max_batch: int = Field(16, ge=1, description="requests decoded together; 1 turns batching off")
     batch_window_ms: float = Field(5.0, ge=0, description="window batching: how long a batch waits for more")

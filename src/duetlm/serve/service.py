@@ -16,6 +16,7 @@ from duetlm.engines.base import Engine, Generation, SamplingParams, generate_str
 from duetlm.errors import DuetError
 from duetlm.pipeline import DuetPipeline, signals_of
 from duetlm.serve.batching import (
+    AsyncEngineStage,
     ContinuousStage,
     Stage,
     StageKey,
@@ -76,10 +77,13 @@ class DuetService:
     # -- stages -------------------------------------------------------------------------------------
 
     def _stage(self, name: str, run: Callable[..., list[Any]], prepare: Prepare, engine: Engine) -> Stage:
-        """The stage's batching: continuous on a local HF model (unless `batching: window`), else
-        windowed (vLLM's offline engine and a remote M take whole batches)."""
+        """The stage's batching: continuous on a local HF model (unless `batching: window`), vLLM's
+        own on its async engine (`--engine vllm`), else windowed (vLLM's offline engine with
+        `batching: window`, and a remote model, take whole batches)."""
         from duetlm.engines.hf import HFEngine
 
+        if getattr(engine, "name", "") == "vllm-async":
+            return AsyncEngineStage(name, prepare, engine)
         if self.cfg.batching == "continuous" and isinstance(engine, HFEngine):
             if id(engine) not in self._continuous:
                 from duetlm.engines.continuous import ContinuousBatcher
@@ -109,7 +113,13 @@ class DuetService:
     def stages(self) -> list[Stage]:
         return [s for s in (self.large_stage, self.small_stage, self.respond_stage) if s is not None]
 
+    def _async_engines(self) -> list[Any]:
+        found = {id(e): e for e in (self.large, self.small) if getattr(e, "name", "") == "vllm-async"}
+        return list(found.values())
+
     async def start(self) -> None:
+        for engine in self._async_engines():
+            await engine.start()  # vLLM's AsyncLLM belongs to this (the serving) event loop
         for stage in self.stages:
             stage.start()
 
@@ -120,6 +130,8 @@ class DuetService:
             await asyncio.get_running_loop().run_in_executor(None, batcher.close, 30.0)
         for pool in self._executors.values():
             pool.shutdown(wait=False, cancel_futures=True)
+        for engine in self._async_engines():
+            engine.close()
 
     # The batch functions run in the engines' worker threads.
     def _run_think(
@@ -540,6 +552,10 @@ def build_service(cfg: ServeConfig) -> DuetService:
     from duetlm.engines import build_engine
 
     def local(spec: str) -> Engine:
+        if cfg.engine == "vllm" and cfg.batching == "continuous":  # vLLM's own continuous batching
+            from duetlm.engines.vllm_async import AsyncVLLMEngine
+
+            return AsyncVLLMEngine(spec, dtype=cfg.dtype, max_model_len=cfg.vllm_max_model_len)
         return build_engine(ModelConfig(path=spec, dtype=cfg.dtype, device=cfg.device, engine=cfg.engine))
 
     def remote(url: str) -> Engine:
