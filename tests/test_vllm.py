@@ -512,3 +512,72 @@ def test_async_vllm_aborts_a_request_whose_client_left(async_server):
     assert processor.get_num_unfinished_requests() == 0
     assert service.large.aborted == aborted + 1  # cancelled while vLLM generated, not finished
     assert httpx.get(url + "/health").json()["in_flight"] == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("batching", ["continuous", "window"])
+def test_sigterm_leaves_no_vllm_engine_process_behind(tiny_pair, batching):
+    """`duetlm serve --engine vllm` exits by the SIGTERM it caught, which runs no finalizer: the
+    service shuts its vLLM engines down first, so no engine-core process outlives the server (one
+    did, with `--batching window`, before `DuetService.stop` closed its engines)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "duetlm.cli",
+        "serve",
+        "--large",
+        str(tiny_pair[0]),
+        "--small",
+        str(tiny_pair[1]),
+    ]
+    cmd += [
+        "--engine",
+        "vllm",
+        "--batching",
+        batching,
+        "--port",
+        "0",
+        "--dtype",
+        "float32",
+        "--max-signal-tokens",
+        "8",
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    found: list[str] = []
+    threading.Thread(
+        target=lambda: [
+            found.append(m.group(1))
+            for line in proc.stderr
+            if (m := re.search(r"running on (http://\S+)", line))
+        ],
+        daemon=True,
+    ).start()
+    deadline = time.monotonic() + 240
+    while not found and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert found, "the server did not start"
+    body = {"model": "duet", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert httpx.post(found[0] + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+    def children(pid: int) -> set[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+        return {int(p) for p in out.split()}
+
+    engine_cores = children(proc.pid)
+    assert engine_cores  # vLLM runs its engines in processes of their own
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    time.sleep(2)
+    alive = {p for p in engine_cores if os.path.exists(f"/proc/{p}")}
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"vLLM processes {alive} outlived the server"

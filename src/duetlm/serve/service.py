@@ -43,8 +43,11 @@ class DuetService:
     one per local engine, so torch work on an engine is serialised and never blocks the event loop.
     """
 
-    def __init__(self, cfg: ServeConfig, large: Engine | None, small: Engine | None = None) -> None:
+    def __init__(
+        self, cfg: ServeConfig, large: Engine | None, small: Engine | None = None, own_engines: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.own_engines = own_engines  # built for this service (`build_service`): `stop` closes them
         self.large = large
         self.small = small
         self.pipeline = DuetPipeline(large, small)  # type: ignore[arg-type]  (role small: no M)
@@ -130,8 +133,14 @@ class DuetService:
             await asyncio.get_running_loop().run_in_executor(None, batcher.close, 30.0)
         for pool in self._executors.values():
             pool.shutdown(wait=False, cancel_futures=True)
-        for engine in self._async_engines():
-            engine.close()
+        # Every engine that holds processes or connections (vLLM's engine cores, a remote's client):
+        # the server exits by its signal afterwards, which runs no finalizer, so an engine core not
+        # shut down here would outlive it.
+        engines = {id(e): e for e in (self.large, self.small) if e is not None and self.own_engines}
+        for engine in engines.values():
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
 
     # The batch functions run in the engines' worker threads.
     def _run_think(
@@ -579,4 +588,4 @@ def build_service(cfg: ServeConfig) -> DuetService:
         small = remote(cfg.small_url)
     elif cfg.small is not None:
         small = large if cfg.small == cfg.large else local(cfg.small)
-    return DuetService(cfg, large, small)
+    return DuetService(cfg, large, small, own_engines=True)
