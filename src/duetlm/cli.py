@@ -40,6 +40,12 @@ def _root() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _is_rank0() -> bool:
     """Whether this is the process that speaks: rank 0 of a torchrun / accelerate launch, or the only one."""
     return os.environ.get("RANK", "0") == "0"
@@ -107,12 +113,48 @@ def train(
         typer.Option(help="'auto' (newest complete checkpoint of the run dir) or a checkpoint dir"),
     ] = None,
     run_dir: Annotated[str | None, typer.Option(help="run directory (overrides run.dir)")] = None,
+    preflight: Annotated[
+        bool,
+        typer.Option(
+            "--preflight", help="print the memory each device needs (from config.json only) and stop"
+        ),
+    ] = False,
+    gpu_memory: Annotated[
+        float | None,
+        typer.Option(help="GB per GPU for the preflight (default: the detected GPU's; on CPU: unchecked)"),
+    ] = None,
+    world: Annotated[
+        int | None, typer.Option(help="processes for the preflight (default: this launch's WORLD_SIZE)")
+    ] = None,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="M's longest prompt, for the preflight's KV cache and activations")
+    ] = 1024,
 ) -> None:
-    """Train M (and m) with GRPO on the DUET objective or a baseline; checkpoints are resumable."""
+    """Train M (and m) with GRPO on the DUET objective or a baseline; checkpoints are resumable.
+
+    On a GPU the preflight runs first and refuses a config whose peak memory exceeds the device,
+    naming the fixes; `--preflight` prints its table and stops (no weights are loaded)."""
+    import os
+
     from duetlm.config import TrainConfig, load_config
     from duetlm.train import run_training
 
     cfg = load_config(TrainConfig, config, set_)
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    if preflight or _has_cuda():
+        from duetlm.train.preflight import check, estimate
+
+        gpu = None if gpu_memory is None else gpu_memory * 1e9
+        accelerator = True if gpu is not None else None
+        report = estimate(
+            cfg, world=world, gpu_memory=gpu, accelerator=accelerator, max_prompt_tokens=max_prompt_tokens
+        )
+        if preflight:
+            if _is_rank0():
+                typer.echo(report.table())
+            check(report, cfg, world)  # a config that does not fit exits 1 with the fixes
+            return
+        check(report, cfg, world)
     result = run_training(cfg, resume=resume, run_dir=run_dir)
     if _is_rank0():
         typer.echo(f"step {result.step}/{cfg.run.steps}; checkpoint {result.checkpoint}")

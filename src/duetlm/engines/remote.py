@@ -33,6 +33,16 @@ Streaming. `generate(..., on_text=...)` sends each request with `stream: true` (
 what the same request unstreamed gives). A streamed request is retried like any other until its first
 piece arrived, never after (the caller has passed the text on); a stream cut later is an error.
 
+Why httpx rather than the official `openai` client (weighed for issue 16, kept as it is): the client
+would take over the retry loop, the SSE parsing and the error extraction (about 100 lines here), but
+(1) its retry delays are module constants (0.5 s doubling to 8 s), so `backoff` / `max_backoff` and
+`duetlm serve --remote-backoff-s` could only be kept by overriding a private method; (2) it retries a
+stream only until the response headers, where this engine also retries a stream that broke before its
+first piece of text; (3) the fields this engine reads beyond OpenAI's (`reasoning`, `stop_reason`,
+`matched_stop`, `token_ids`) come from it as untyped extras anyway, so `_StreamState` and
+`response_text` stay; (4) openai 3.x brings its own HTTP stack beside httpx. The `openai` client is
+what the tests use against every duetlm server, so the two stay compatible.
+
 Robustness: one `httpx.Client`; a per-request timeout; retries with exponential backoff and jitter on
 429, 5xx and connection errors (a `Retry-After` header is honoured); at most `max_concurrency`
 requests in flight across all callers; the API key from `api_key`, else `$DUETLM_API_KEY`, else
