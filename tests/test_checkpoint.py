@@ -37,6 +37,26 @@ def test_keep_last_prunes_oldest(tmp_path):
     assert sorted(p.name for p in ckpt.checkpoints_dir(tmp_path).iterdir()) == ["step_000003", "step_000004"]
 
 
+def test_keep_steps_survive_pruning(tmp_path):
+    """The paper's evaluation steps (50/100/150) with save_every 10 and keep_last 3: without
+    keep_steps, steps 50 and 100 would be deleted long before the run ends."""
+    for step in range(10, 160, 10):
+        tmp = ckpt.begin_checkpoint(tmp_path, step)
+        ckpt.commit_checkpoint(tmp, step, keep_last=3, keep_steps=[50, 100, 150])
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [50, 100, 130, 140, 150]
+
+
+def test_paper_configs_keep_the_evaluated_steps():
+    from pathlib import Path
+
+    from duetlm.config import TrainConfig, load_config
+
+    for path in sorted(Path("configs/paper").glob("*.yaml")):
+        cfg = load_config(TrainConfig, path)
+        assert {50, 100, 150} <= set(cfg.run.keep_steps), path
+        assert all(s % cfg.run.save_every == 0 for s in (50, 100, 150)), path  # each is saved at all
+
+
 def test_same_step_saved_twice_replaces_it(tmp_path):
     fake_checkpoint(tmp_path, 5)
     tmp = ckpt.begin_checkpoint(tmp_path, 5)

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def commit_checkpoint(tmp: Path, step: int, keep_last: int) -> Path:
-    """Mark `tmp` complete, rename it to its final name, then prune to the newest `keep_last`."""
+def commit_checkpoint(tmp: Path, step: int, keep_last: int, keep_steps: Iterable[int] = ()) -> Path:
+    """Mark `tmp` complete, rename it to its final name, then prune to the newest `keep_last` (and
+    the steps in `keep_steps`)."""
     (tmp / COMPLETE).write_text(f"{step}\n")
     with open(tmp / COMPLETE, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -100,14 +102,16 @@ def commit_checkpoint(tmp: Path, step: int, keep_last: int) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    prune_checkpoints(final.parent.parent, keep_last)
+    prune_checkpoints(final.parent.parent, keep_last, keep_steps)
     return final
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints; returns what was deleted."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_steps: Iterable[int] = ()) -> list[Path]:
+    """Delete all complete checkpoints but the newest `keep_last` and those of the steps in
+    `keep_steps` (the ones a paper evaluates); returns what was deleted."""
     found = list_checkpoints(run_dir)
-    doomed = [path for _, path in found[: max(len(found) - keep_last, 0)]]
+    kept = set(keep_steps)
+    doomed = [path for step, path in found[: max(len(found) - keep_last, 0)] if step not in kept]
     for path in doomed:
         # Rename first, so a crash during rmtree leaves a `.tmp-` directory, not a half-deleted
         # directory that still carries COMPLETE.

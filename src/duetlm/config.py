@@ -440,6 +440,10 @@ class RunConfig(Strict):
     dir: str = Field("runs/duet", description="run directory (config, metrics, checkpoints)")
     save_every: int = Field(10, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(3, ge=1, description="keep the newest K checkpoints")
+    keep_steps: list[int] = Field(
+        default_factory=list,
+        description="checkpoints of these steps are never pruned (the paper evaluates steps 50, 100, 150)",
+    )
     max_bad_steps: int = Field(3, ge=1, description="stop after K updates in a row with a NaN/inf loss")
     grading_workers: int = Field(4, ge=1, description="parallel grading workers")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")

@@ -41,6 +41,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from duetlm.cascade import ESTIMATORS, CascadeSpec, parse_cascade
 from duetlm.config import Strict
+from duetlm.dirlock import DirLock
 from duetlm.engines.base import Engine, SamplingParams
 from duetlm.errors import DuetError
 from duetlm.pipeline import DuetPipeline, DuetResult
@@ -475,7 +476,24 @@ def run_eval(
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise DuetError(f"--output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out, "duetlm eval"):  # two evaluations of one directory would interleave records
+        return _run_locked(
+            cfg, out, methods, problems, need_small, large_engine, small_engine, progress, command
+        )
+
+
+def _run_locked(
+    cfg: EvalConfig,
+    out: Path,
+    methods: list[Any],
+    problems: dict[str, list[Problem]],
+    need_small: bool,
+    large_engine: Engine | None,
+    small_engine: Engine | None,
+    progress: bool,
+    command: str | None,
+) -> EvalSummary:
+    """`run_eval` once it holds the output directory's lock."""
     previous = read_run(out)
     _check_resumable(previous, cfg, out)
     records_path = out / RECORDS_FILE

@@ -390,9 +390,18 @@ def run_training(
 ) -> TrainResult:
     """`duetlm train`: validate, then train (or resume) to `run.steps`. Under `accelerate launch` or
     `torchrun` every process runs this; it leaves the process group at the end."""
-    trainer = DuetTrainer(cfg, run_dir=run_dir, train_problems=train_problems, val_problems=val_problems)
-    try:
-        return trainer.train(resume=resume)
-    finally:
-        trainer.close()
-        distributed.shutdown()
+    import contextlib
+    import os
+
+    from duetlm.dirlock import DirLock
+
+    # One training run per directory: rank 0 holds its lock (the other ranks share rank 0's run).
+    rank0 = os.environ.get("RANK", "0") == "0"
+    folder = run_dir if run_dir is not None else cfg.run.dir
+    with DirLock(folder, "duetlm train") if rank0 else contextlib.nullcontext():
+        trainer = DuetTrainer(cfg, run_dir=run_dir, train_problems=train_problems, val_problems=val_problems)
+        try:
+            return trainer.train(resume=resume)
+        finally:
+            trainer.close()
+            distributed.shutdown()

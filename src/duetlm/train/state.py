@@ -83,7 +83,7 @@ def save_checkpoint(
                 save_pretrained(policy.full_model, policy.tokenizer, tmp / role)
         ckpt.save_state(tmp, trainer_state)
         dump_config(cfg, tmp / "config.yaml")
-        final = ckpt.commit_checkpoint(tmp, state.step, cfg.run.keep_last)
+        final = ckpt.commit_checkpoint(tmp, state.step, cfg.run.keep_last, cfg.run.keep_steps)
     dist.barrier()  # nobody reads the checkpoint (or exits) before it is complete
     return final
 
