@@ -127,6 +127,8 @@ def test_mode_and_schedule_run_end_to_end(tmp_path, tiny_dir, tiny_llama_dir, mo
         assert records[1]["lambda"] == first["lambda/next"]
     if mode == "thinkprune":
         assert [r["thinkprune/limit"] for r in records] == [6.0, 4.0]
+        # M decodes within the limit (App. D), not to max_new_tokens (8) with the excess zeroed
+        assert [r["tokens/large_max"] <= r["thinkprune/limit"] for r in records] == [True, True]
     samples = read_jsonl(result.run_dir / "samples.jsonl")
     assert [s["step"] for s in samples] == [1, 2] and {"question", "signal", "answer", "reward"} <= set(
         samples[0]["rows"][0]

@@ -273,7 +273,8 @@ class DuetTrainer:
         grading: dict[str, Future] = {}  # graded on their own thread while the next phases run
         small = SmallRollout()
         with timer("rollout"):
-            roll = phases.rollout(pipe, batch, ro.large, ro.n)
+            large = phases.large_rollout_config(cfg.mode, ro.large, cfg.objective, step)
+            roll = phases.rollout(pipe, batch, large, ro.n)
         if not self.mode.uses_small:
             grading["large"] = self._grade("large", batch, roll, small)
         self.stop.check(self.dist)

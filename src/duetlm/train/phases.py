@@ -55,6 +55,18 @@ def sampling(s: SamplingConfig, n: int, seed: int | None, greedy: bool = False) 
     )
 
 
+def large_rollout_config(mode: str, large: SamplingConfig, obj: ObjectiveConfig, step: int) -> SamplingConfig:
+    """M's rollout decoding at `step` (from 1): ThinkPrune decodes within its current length limit
+    (App. D: max_new_tokens = the limit, so no token past it is generated and then zeroed), every other
+    mode as configured."""
+    if not MODES[mode].uses_limit:
+        return large
+    limit = objective.thinkprune_limit(
+        step - 1, obj.thinkprune_start, obj.thinkprune_step, obj.thinkprune_every, obj.thinkprune_floor
+    )
+    return large.model_copy(update={"max_new_tokens": min(large.max_new_tokens, limit)})
+
+
 def rollout(pipe: DuetPipeline, batch: StepBatch, large: SamplingConfig, n: int) -> Rollout:
     """M's n responses per prompt: its thinking stopped at the end of thinking when the pipeline has
     an m (`think`), else thinking and its own answer (`respond`)."""
