@@ -640,3 +640,35 @@ def test_single_mode_validation_equals_eval_original_on_unclosed_thinking(tmp_pa
     assert len(rows) == 3 and not any(r["signal_complete"] for r in rows)  # the block never closes
     assert record["val/accuracy"] == metrics.accuracy > 0.5
     assert record["val/large_tokens"] == metrics.large_tokens
+
+
+def test_over_long_prompts_are_skipped_and_counted(tmp_path, tiny_dir, tiny_llama_dir):
+    """`rollout.max_prompt_tokens`: a problem whose M prompt is longer is never sampled (nor cut),
+    and `data/prompts_skipped` counts it in every step's metrics; every training problem too long is
+    a clear error."""
+    from duetlm.errors import DataError
+    from duetlm.problems import Problem
+
+    long = Problem(
+        id="long", question="What is " + " + ".join(["1"] * 200) + "?", answer="200", source="test"
+    )
+    problems = [*PROBLEMS[:3], long]
+    probe = DuetTrainer(
+        tiny_train_config(tmp_path / "probe", tiny_dir, tiny_llama_dir), train_problems=problems
+    )
+    probe.setup()
+    lengths = [
+        probe.pipeline.large.count_tokens(p)
+        for p in probe.pipeline.think_prompts([x.question for x in problems])
+    ]
+    limit = max(lengths[:3])
+    assert lengths[3] > limit
+    cfg = tiny_train_config(tmp_path, tiny_dir, tiny_llama_dir, rollout={"max_prompt_tokens": limit})
+    result = DuetTrainer(cfg, train_problems=problems).train()
+    records = metrics_of(result.run_dir)
+    assert [r["data/prompts_skipped"] for r in records] == [1.0, 1.0]
+    questions = {row["question"] for s in read_jsonl(result.run_dir / "samples.jsonl") for row in s["rows"]}
+    assert questions and long.question not in questions
+    tight = tiny_train_config(tmp_path / "tight", tiny_dir, tiny_llama_dir, rollout={"max_prompt_tokens": 3})
+    with pytest.raises(DataError, match="exceeds rollout.max_prompt_tokens=3"):
+        DuetTrainer(tight, train_problems=problems).setup()

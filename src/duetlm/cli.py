@@ -127,8 +127,12 @@ def train(
         int | None, typer.Option(help="processes for the preflight (default: this launch's WORLD_SIZE)")
     ] = None,
     max_prompt_tokens: Annotated[
-        int, typer.Option(help="M's longest prompt, for the preflight's KV cache and activations")
-    ] = 1024,
+        int | None,
+        typer.Option(
+            help="M's longest prompt, for the preflight's KV cache and activations "
+            "(default: rollout.max_prompt_tokens, else 1024)"
+        ),
+    ] = None,
 ) -> None:
     """Train M (and m) with GRPO on the DUET objective or a baseline; checkpoints are resumable.
 

@@ -307,6 +307,13 @@ class RolloutConfig(Strict):
         description="m's decoding (its answer)",
     )
     engine_batch_size: int = Field(64, ge=1, description="sequences decoded together by the HF engine")
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="M's longest prompt in tokens, template included (paper: 1024); longer problems are "
+        "skipped, never cut, and counted (data/prompts_skipped). m's prompt is bounded by it plus M's "
+        "max_new_tokens. null: no limit",
+    )
     vllm: dict[str, Any] = Field(
         default_factory=dict,
         description="options of the VLLMEngine of a model with engine: vllm (max_model_len, kv_cache_gib, "

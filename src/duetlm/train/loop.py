@@ -88,6 +88,7 @@ class DuetTrainer:
         self.policies: dict[str, Policy] = {}
         self.reference: torch.nn.Module | None = None
         self.pipeline: DuetPipeline | None = None  # M (and m) once `setup` loaded them
+        self.prompts_skipped = 0  # problems over rollout.max_prompt_tokens (`setup`)
 
     # The run state, as attributes (benchmarks and the demo step the trainer by hand).
     @property
@@ -155,10 +156,27 @@ class DuetTrainer:
             self.reference = load_reference(self.cfg, self.dist)
         small = self.policies.get("small")
         self.pipeline = DuetPipeline(self.policies["large"].engine, small.engine if small else None)
+        self._skip_long_prompts()
         if checkpoint is not None:
             from duetlm import checkpoint as ckpt
 
             self.state.load_state_dict(ckpt.load_state(checkpoint), self.policies)
+
+    def _skip_long_prompts(self) -> None:
+        """Drop the problems whose M prompt exceeds `rollout.max_prompt_tokens` (deterministic, so a
+        resumed run sees the same list); the count goes into every step's metrics."""
+        limit = self.cfg.rollout.max_prompt_tokens
+        assert self.pipeline is not None
+        self.train_problems, long_train = phases.within_prompt_limit(
+            self.pipeline, self.train_problems, limit
+        )
+        self.val_problems, long_val = phases.within_prompt_limit(self.pipeline, self.val_problems, limit)
+        self.prompts_skipped = len(long_train) + len(long_val)
+        if long_train and not self.train_problems:
+            raise DataError(
+                f"every training problem's prompt exceeds rollout.max_prompt_tokens={limit} "
+                f"(e.g. {long_train[0].id!r}): raise the limit"
+            )
 
     def save_checkpoint(self) -> Path:
         """Write the checkpoint of the completed step (every rank calls it; rank 0 writes)."""
@@ -323,6 +341,7 @@ class DuetTrainer:
                 self.lam.update(float(per["penalised"].mean()))
         self.state.cursor += ro.batch_size
         metrics = step_metrics(per, stats, lam_used, self.lam.value, rewards.limit)
+        metrics["data/prompts_skipped"] = float(self.prompts_skipped)
         seconds = {**timer.seconds, "step": time.perf_counter() - t0}
         # The slowest rank's time: the others wait for it at the next collective.
         seconds = dict(zip(seconds, self.dist.all_reduce(list(seconds.values()), "max"), strict=True))

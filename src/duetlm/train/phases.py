@@ -55,6 +55,20 @@ def sampling(s: SamplingConfig, n: int, seed: int | None, greedy: bool = False) 
     )
 
 
+def within_prompt_limit(
+    pipe: DuetPipeline, problems: list[Problem], limit: int | None
+) -> tuple[list[Problem], list[Problem]]:
+    """(the problems whose M prompt fits `limit` tokens, those that do not): an over-long prompt is
+    skipped, never cut (a cut problem is another problem)."""
+    if limit is None:
+        return problems, []
+    prompts = pipe.think_prompts([render_question(p) for p in problems])
+    fits = [pipe.large.count_tokens(p) <= limit for p in prompts]
+    return [p for p, ok in zip(problems, fits, strict=True) if ok], [
+        p for p, ok in zip(problems, fits, strict=True) if not ok
+    ]
+
+
 def large_rollout_config(mode: str, large: SamplingConfig, obj: ObjectiveConfig, step: int) -> SamplingConfig:
     """M's rollout decoding at `step` (from 1): ThinkPrune decodes within its current length limit
     (App. D: max_new_tokens = the limit, so no token past it is generated and then zeroed), every other
