@@ -608,3 +608,18 @@ def test_kl_k3_gradient_pulls_towards_the_reference() -> None:
     logp = torch.tensor([0.0], requires_grad=True)
     kl_k3(logp, torch.tensor([-1.0])).sum().backward()
     assert logp.grad.item() == pytest.approx(1 - math.exp(-1), abs=1e-6)
+
+
+def test_kl_loss_is_aggregated_k3_and_vanishes_with_its_gradient_at_the_reference():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -4.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.3, -2.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    from duetlm import grpo
+
+    got = grpo.kl_loss(logp, ref, mask, "token-mean")
+    d = (ref - logp.detach())[mask.bool()]
+    assert torch.allclose(got, (d.exp() - d - 1).sum() / 5)  # the padded position (9.0) never counts
+    same = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    zero = grpo.kl_loss(same, same.detach().clone(), torch.ones(1, 2), "seq-mean-token-mean")
+    zero.backward()
+    assert zero.item() == 0.0 and torch.all(same.grad == 0)

@@ -231,6 +231,36 @@ def test_lora_gradient_checkpointing_reference_kl_and_accumulation(tmp_path, tin
     assert live.keys() == again.keys() and all(torch.equal(live[k], again[k]) for k in live)
 
 
+def test_kl_loss_term_pulls_m_towards_its_reference(tmp_path, tiny_dir, tiny_llama_dir):
+    """`objective.kl_loss_coef` (k3 in M's loss): a frozen reference is loaded (kl_coef 0), the term is
+    0 at step 1 (π = π_ref, its gradient too, so step 1 equals the run without it) and > 0 after, and
+    it changes the weights from step 2 on."""
+
+    def run(coef: float, steps: int, where: str) -> tuple[DuetTrainer, list[dict]]:
+        cfg = tiny_train_config(
+            tmp_path / where,
+            tiny_dir,
+            tiny_llama_dir,
+            objective={"kl_loss_coef": coef},
+            optim={"lr_large": 1e-2},
+            run={"steps": steps, "save_every": 0},
+        )
+        trainer = DuetTrainer(cfg, train_problems=PROBLEMS)
+        result = trainer.train()
+        return trainer, metrics_of(result.run_dir)
+
+    with_kl, records = run(1.0, 2, "kl")
+    assert with_kl.reference is not None
+    assert records[0]["large/kl_loss"] == pytest.approx(0.0, abs=1e-6) and records[1]["large/kl_loss"] > 0
+    plain1, _ = run(0.0, 1, "plain1")
+    kl1, _ = run(1.0, 1, "kl1")
+    w_plain, w_kl = plain1.policies["large"].model.state_dict(), kl1.policies["large"].model.state_dict()
+    assert all(torch.allclose(w_plain[k], w_kl[k], atol=1e-6) for k in w_plain)  # step 1: no pull yet
+    plain2, _ = run(0.0, 2, "plain2")
+    w2, wk2 = plain2.policies["large"].model.state_dict(), with_kl.policies["large"].model.state_dict()
+    assert any(not torch.allclose(w2[k], wk2[k], atol=1e-7) for k in w2)
+
+
 # --------------------------------------------------------------------------------------------------
 # Exact resume after SIGKILL, and SIGTERM, through the real CLI
 

@@ -359,6 +359,12 @@ class ObjectiveConfig(Strict):
     kl_coef: float = Field(
         0.001, ge=0.0, description="β of the k1 KL term in M's reward; > 0 keeps a frozen reference copy of M"
     )
+    kl_loss_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of a k3 KL(π ‖ π_ref) term in M's loss (verl's use_kl_loss), beside or instead "
+        "of kl_coef's term in the reward; > 0 keeps a frozen reference copy of M (none with LoRA)",
+    )
     lambda_init: float = Field(0.0, ge=0.0, description="λ_0")
     lambda_step_size: float = Field(0.01, ge=0.0, description="η of the dual ascent")
     lambda_max: float | None = Field(1.0, ge=0.0, description="λ_max (null: no upper clip)")

@@ -55,6 +55,7 @@ __all__ = [
     "group_advantages",
     "kl_k1",
     "kl_k3",
+    "kl_loss",
     "model_token_logprobs",
     "policy_loss",
     "sequence_kl_k1",
@@ -435,6 +436,24 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """
     d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
     return (d.exp() - d - 1.0).clamp(0.0, 10.0)
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    loss_agg: str = "token-mean",
+    *,
+    num_seqs: Normaliser | None = None,
+    num_tokens: Normaliser | None = None,
+    max_tokens: Normaliser | None = None,
+) -> Tensor:
+    """The KL term of the loss: `kl_k3` per token, aggregated as the policy loss is (`aggregate`,
+    the same normalisers), so `objective.kl_loss_coef` × this is added to it. Its value and gradient
+    are 0 where π = π_ref (the first update of a run)."""
+    k3 = kl_k3(logprobs, ref_logprobs)
+    k3 = torch.where(mask.bool(), k3, torch.zeros_like(k3))
+    return aggregate(k3, mask, loss_agg, num_seqs=num_seqs, num_tokens=num_tokens, max_tokens=max_tokens)
 
 
 def sequence_kl_k1(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:

@@ -152,7 +152,8 @@ class DuetTrainer:
         for role, _ in self.model_configs():
             trainable = role == "large" or self.schedule.trains_small
             self.policies[role] = build_policy(role, self.cfg, trainable, checkpoint, self.dist)
-        if self.cfg.objective.kl_coef > 0 and not self.policies["large"].is_lora:
+        obj = self.cfg.objective
+        if (obj.kl_coef > 0 or obj.kl_loss_coef > 0) and not self.policies["large"].is_lora:
             self.reference = load_reference(self.cfg, self.dist)
         small = self.policies.get("small")
         self.pipeline = DuetPipeline(self.policies["large"].engine, small.engine if small else None)
@@ -312,9 +313,13 @@ class DuetTrainer:
         update_small = update_small and small.guided is not None and self.schedule.trains_small
         self._old_logprobs(timer, roll.large, small.guided if update_small else None, update_large)
         kl = None
-        if cfg.objective.kl_coef > 0:
+        if cfg.objective.kl_coef > 0 or (cfg.objective.kl_loss_coef > 0 and update_large):
             with timer("reference"):
-                kl = phases.reference_kl(self.policies["large"], self.reference, roll.large)
+                ref = phases.reference_logprobs(self.policies["large"], self.reference, roll.large)
+            if cfg.objective.kl_coef > 0:
+                kl = phases.reference_kl(roll.large, ref)
+            if cfg.objective.kl_loss_coef > 0:
+                roll.large.ref_logprobs = ref  # the update adds kl_loss_coef × k3 to M's loss
         with timer("grade"):
             grades = phases.Grading.collect(grading)
         self.stop.check(self.dist)

@@ -7,7 +7,7 @@
     grade        every answer graded (`grading.grade_many`) on a grading thread (`Grading`), each
                  part as soon as it exists, overlapping the phases after it
     old_logprobs π_old by a forward pass where the engine's log-probs will not do (`recompute_old`)
-    reference    log π_ref of M's tokens, for the β·KL term of M's reward             (kl_coef > 0)
+    reference    log π_ref of M's tokens: β·KL in its reward (kl_coef), k3 in its loss (kl_loss_coef)
     rewards      `objective.compute_reward` (M) and r(x, y_ij) (m)
     advantages   `grpo.compute_advantages` over the global batch: M grouped by prompt, m per
                  `grpo.small_group`
@@ -202,14 +202,17 @@ def old_logprobs_needed(
     return {"large": kl_coef > 0 or (update_large and several), "small": has_guided and several}
 
 
-def reference_kl(policy: Policy, reference: torch.nn.Module | None, large: Samples) -> Tensor:
-    """Σ_t (log π_old − log π_ref) over each of M's responses (N,): the β·KL term of M's reward. With
-    LoRA the reference is the base model, i.e. M with its adapter switched off."""
+def reference_logprobs(policy: Policy, reference: torch.nn.Module | None, large: Samples) -> list[Tensor]:
+    """log π_ref of each of M's response tokens (N × (L_k,)). With LoRA the reference is the base
+    model, i.e. M with its adapter switched off."""
     if reference is not None:
-        ref = sequence_logprobs(reference, large, policy.pad_id, policy.spec)
-    else:
-        with policy.model.disable_adapter():
-            ref = sequence_logprobs(policy.model, large, policy.pad_id, policy.spec)
+        return sequence_logprobs(reference, large, policy.pad_id, policy.spec)
+    with policy.model.disable_adapter():
+        return sequence_logprobs(policy.model, large, policy.pad_id, policy.spec)
+
+
+def reference_kl(large: Samples, ref: list[Tensor]) -> Tensor:
+    """Σ_t (log π_old − log π_ref) over each of M's responses (N,): the β·KL term of M's reward."""
     old, mask = pad_ragged(large.old_logprobs)
     ref_pad, _ = pad_ragged(ref)
     return grpo.sequence_kl_k1(old, ref_pad, mask)

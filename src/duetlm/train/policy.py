@@ -129,6 +129,7 @@ def update_spec(
         autocast=resolve_autocast(o.autocast, device),
         chunk_size=o.logprob_chunk_size,
         share_prompts=share_prompts,
+        kl_loss_coef=cfg.objective.kl_loss_coef,  # acts where the samples carry log π_ref (M's)
     )
 
 

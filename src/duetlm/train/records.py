@@ -30,6 +30,7 @@ class Samples:
     finish: list[str]
     owner: Tensor  # (N,)
     old_logprobs: list[Tensor] | None = None  # N × (L_k,)
+    ref_logprobs: list[Tensor] | None = None  # N × (L_k,): log π_ref, for the KL loss (kl_loss_coef)
 
     @classmethod
     def from_generations(cls, groups: list[list[Generation]], owners: list[int] | None = None) -> Samples:
@@ -118,6 +119,7 @@ class UpdateStats:
     grad_norm: float = 0.0
     clip_fraction: float = 0.0
     approx_kl: float = 0.0
+    kl_loss: float = 0.0  # the k3 KL term of the loss (before its coefficient); 0 without it
     ratio_max: float = 1.0
     skipped: int = 0  # mini-batches skipped for a non-finite loss or gradient
     mini_batches: int = 0
@@ -128,6 +130,7 @@ class UpdateStats:
             f"{prefix}/grad_norm": self.grad_norm,
             f"{prefix}/clip_frac": self.clip_fraction,
             f"{prefix}/approx_kl": self.approx_kl,
+            f"{prefix}/kl_loss": self.kl_loss,
             f"{prefix}/ratio_max": self.ratio_max,
             f"{prefix}/skipped": float(self.skipped),
         }

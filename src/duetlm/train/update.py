@@ -42,6 +42,7 @@ class UpdateSpec:
     # Rows with the same prompt share one forward pass of it (see `micro_logprobs`). Off with gradient
     # checkpointing, whose recomputation drops the key/value cache the shared pass hands on.
     share_prompts: bool = True
+    kl_loss_coef: float = 0.0  # × grpo.kl_loss in the loss, where the samples carry ref_logprobs
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ class _MiniBatch:
     loss: float = 0.0
     clip_fraction: float = 0.0
     approx_kl: float = 0.0
+    kl_loss: float = 0.0
     ratio_max: float = 0.0
     finite: bool = True
 
@@ -274,6 +276,19 @@ def _accumulate(
                 num_tokens=max(mini.num_tokens, 1),
                 max_tokens=spec.max_tokens,
             )
+            kl_term = None
+            if spec.kl_loss_coef > 0 and samples.ref_logprobs is not None:
+                ref, _ = pad_ragged([samples.ref_logprobs[i] for i in rows])
+                kl_term = grpo.kl_loss(
+                    logp,
+                    ref.to(logp.device, logp.dtype)[:, : logp.shape[1]],
+                    resp,
+                    spec.loss_agg,
+                    num_seqs=len(mini.rows),
+                    num_tokens=max(mini.num_tokens, 1),
+                    max_tokens=spec.max_tokens,
+                )
+                out = replace(out, loss=out.loss + spec.kl_loss_coef * kl_term)
             if not torch.isfinite(out.loss):
                 mini.finite = False
                 if world == 1:
@@ -284,13 +299,15 @@ def _accumulate(
                 continue
             (out.loss * world).backward()
         # One device sync per micro-batch for its statistics.
-        tokens, loss, clip, kl, ratio = torch.stack(
-            [resp.sum().float(), out.loss.detach(), out.clip_fraction, out.approx_kl, out.ratio_max]
+        k3 = kl_term.detach().float() if kl_term is not None else torch.zeros((), device=out.loss.device)
+        tokens, loss, clip, kl, ratio, k3 = torch.stack(
+            [resp.sum().float(), out.loss.detach(), out.clip_fraction, out.approx_kl, out.ratio_max, k3]
         ).tolist()
         share = tokens / max(mini.num_tokens, 1)  # this micro-batch's share of the tokens
         mini.loss += loss
         mini.clip_fraction += clip * share
         mini.approx_kl += kl * share
+        mini.kl_loss += k3  # already normalised by the whole mini-batch, as the loss
         mini.ratio_max = max(mini.ratio_max, ratio)
 
 
@@ -363,7 +380,7 @@ def policy_update(
             stats.skipped += 1
             continue
         optimizer.step()
-        sums = [mini.loss, mini.clip_fraction, mini.approx_kl]
+        sums = [mini.loss, mini.clip_fraction, mini.approx_kl, mini.kl_loss]
         if shard is not None:  # each rank's sums are its share of the global mini-batch's
             sums = shard.dist.all_reduce(sums, "sum")
         stats.mini_batches += 1
@@ -371,6 +388,7 @@ def policy_update(
         stats.grad_norm += grad_norm
         stats.clip_fraction += sums[1]
         stats.approx_kl += sums[2]
+        stats.kl_loss += sums[3]
     optimizer.zero_grad(set_to_none=True)
     return _finish_stats(stats, shard)
 
@@ -382,5 +400,6 @@ def _finish_stats(stats: UpdateStats, shard: RowShard | None) -> UpdateStats:
     done = max(stats.mini_batches, 1)
     stats.loss, stats.grad_norm = stats.loss / done, stats.grad_norm / done
     stats.clip_fraction, stats.approx_kl = stats.clip_fraction / done, stats.approx_kl / done
+    stats.kl_loss /= done
     stats.ratio_max = stats.ratio_max or 1.0
     return stats
