@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,41 @@ def test_metric_functions():
     assert per_problem_mean([("a", 1.0), ("a", 0.0), ("b", 0.0)]) == pytest.approx(0.25)
     assert compute_flops(None, 0, 7, 3) == 42.0
     assert compute_flops(None, 5, 7, 3) is None  # M used but its size unknown
+
+
+def test_compute_estimate_adds_the_attention_context_term():
+    """App. E.1: per generated token 2N + 2·n_layer·n_ctx·d_attn; a token attends its prompt and the
+    tokens before it."""
+    from duetlm.report import context_flops
+
+    # 3 tokens after a 5-token prompt attend 6, 7, 8 positions: 2 · 2 layers · 4 · 21
+    assert context_flops(2, 4, 5, 3) == 2 * 2 * 4 * (6 + 7 + 8)
+    r = replace(rec("a", "duet", 0, 1.0, 3, 2), large_prompt_tokens=5, small_prompt_tokens=10)
+    (plain,) = aggregate([r], large_params=100, small_params=10)
+    (full,) = aggregate([r], 100, 10, large_shape=(2, 4), small_shape=(1, 8))
+    assert plain.compute_flops == 2 * (100 * 3 + 10 * 2)
+    assert full.compute_flops == plain.compute_flops + context_flops(2, 4, 5, 3) + context_flops(1, 8, 10, 2)
+
+
+def test_eval_records_what_the_context_term_needs(full_run, tiny_dir):
+    from duetlm.models import load_model
+    from duetlm.report import load_results_dir, metrics_of
+
+    run, records = load_results_dir(full_run)
+    model, _ = load_model(str(tiny_dir), device="cpu")
+    c = model.config
+    assert run["models"]["large"]["layers"] == c.num_hidden_layers
+    assert run["models"]["large"]["attn_dim"] == c.num_attention_heads * (
+        c.head_dim or c.hidden_size // c.num_attention_heads
+    )
+    duet = [r for r in records if r.method == "duet"]
+    assert all(r.large_prompt_tokens > 0 and r.small_prompt_tokens > r.large_prompt_tokens // 2 for r in duet)
+    m = next(m for m in metrics_of(run, records) if m.method == "duet")
+    no_context = sum(
+        2 * run["models"][k]["params"] * sum(getattr(r, f"{k}_tokens") for r in duet)
+        for k in ("large", "small")
+    )
+    assert m.compute_flops > no_context
 
 
 def test_pareto_front():

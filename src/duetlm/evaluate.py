@@ -42,7 +42,7 @@ from pydantic import Field, ValidationError, field_validator
 from duetlm.cascade import ESTIMATORS, CascadeSpec, parse_cascade
 from duetlm.config import Strict
 from duetlm.dirlock import DirLock
-from duetlm.engines.base import Engine, SamplingParams
+from duetlm.engines.base import Engine, Generation, SamplingParams
 from duetlm.errors import DuetError
 from duetlm.pipeline import DuetPipeline, DuetResult
 from duetlm.problems import Problem, render_question
@@ -327,6 +327,24 @@ def count_parameters(engine: Engine) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
+def attention_shape(engine: Engine) -> dict[str, int]:
+    """{"layers": n_layer, "attn_dim": heads × head dim} of an engine's model, for the compute
+    estimate's context term (`report.context_flops`); {} where the engine holds no model config."""
+    config = getattr(getattr(engine, "model", None), "config", None) or getattr(engine, "hf_config", None)
+    if config is None:
+        return {}
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return {"layers": int(text.num_hidden_layers), "attn_dim": int(heads * head_dim)}
+
+
+def _prompt_len(g: Generation | None) -> int:
+    if g is None:
+        return 0
+    return len(g.prompt_token_ids) or int(getattr(g, "prompt_tokens", 0))
+
+
 def to_record(
     item: WorkItem, result: DuetResult, correct: float, extracted: str | None, seconds: float, seed: int
 ) -> SampleRecord:
@@ -350,6 +368,8 @@ def to_record(
         seed=seed,
         large_called=result.large_called,
         confidence=result.confidence,
+        large_prompt_tokens=_prompt_len(result.large),
+        small_prompt_tokens=_prompt_len(result.small),
     )
 
 
@@ -510,9 +530,17 @@ def _run_locked(
         if large_engine is None:
             large_engine, loaded_small = build_engines(cfg, need_small and small_engine is None)
             small_engine = small_engine or loaded_small
-        models["large"] = {"spec": cfg.large, "params": count_parameters(large_engine)}
+        models["large"] = {
+            "spec": cfg.large,
+            "params": count_parameters(large_engine),
+            **attention_shape(large_engine),
+        }
         if small_engine is not None:
-            models["small"] = {"spec": cfg.small, "params": count_parameters(small_engine)}
+            models["small"] = {
+                "spec": cfg.small,
+                "params": count_parameters(small_engine),
+                **attention_shape(small_engine),
+            }
 
     run_info = _run_info(cfg, previous, models, command, len(done))
     _write_run(out, run_info)

@@ -10,8 +10,10 @@ Metrics, as the paper defines them:
 - IPT, intelligence per token: 1000 × accuracy / M tokens (paper: AMC23 0.88 / 1800 -> 0.489);
   undefined when M generated nothing (the `small` method);
 - wall-clock per method: the generation time of its batches (grading excluded), summed;
-- estimated compute: 2 × parameters × generated tokens, per model, summed (the paper's estimate: it
-  counts generated tokens only, not the prompt).
+- estimated compute: per generated token 2N + 2·n_layer·n_ctx·d_attn (App. E.1; N parameters, n_ctx
+  the context the token attends: its prompt and the tokens before it, d_attn = heads × head dim), per
+  model, summed. The context term needs the models' shapes in `run.json` and the prompt lengths in
+  the records (written since 2026-12; older runs count 2N per token, as the paper's tables do).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class SampleRecord:
     seed: int | None
     large_called: bool | None = None  # the cascade and oracle-route: whether M wrote a signal
     confidence: float | None = None  # the cascade: m's confidence in its own first answer
+    large_prompt_tokens: int = 0  # prompt of M's (last) generation; 0 where unknown or unused
+    small_prompt_tokens: int = 0  # prompt of m's answer (x and z); 0 where unknown or unused
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -145,6 +149,14 @@ def compute_flops(
     return total
 
 
+def context_flops(layers: int, attn_dim: int, prompt_tokens: int, new_tokens: int) -> float:
+    """The attention-context part of App. E.1's estimate for generating `new_tokens` after a prompt of
+    `prompt_tokens`: Σ_t 2·n_layer·n_ctx(t)·d_attn with n_ctx(t) = prompt + t (t = 1 .. G), i.e.
+    2·n_layer·d_attn·(P·G + G(G+1)/2)."""
+    g = new_tokens
+    return 2.0 * layers * attn_dim * (prompt_tokens * g + g * (g + 1) / 2)
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points (tokens, accuracy) no other point beats: fewer-or-equal tokens and
     higher-or-equal accuracy, one strictly. Sorted by tokens."""
@@ -209,9 +221,14 @@ def _is_number(text: str) -> bool:
 
 
 def aggregate(
-    records: Iterable[SampleRecord], large_params: int | None = None, small_params: int | None = None
+    records: Iterable[SampleRecord],
+    large_params: int | None = None,
+    small_params: int | None = None,
+    large_shape: tuple[int, int] | None = None,
+    small_shape: tuple[int, int] | None = None,
 ) -> list[MethodMetrics]:
-    """`MethodMetrics` per (benchmark, method), in benchmark order of appearance and method order."""
+    """`MethodMetrics` per (benchmark, method), in benchmark order of appearance and method order.
+    `*_shape`: (n_layer, d_attn) of each model, for the compute estimate's context term."""
     groups: dict[tuple[str, str], list[SampleRecord]] = {}
     for r in records:
         groups.setdefault((r.benchmark, r.method), []).append(r)
@@ -233,11 +250,16 @@ def aggregate(
                 small_tokens=per_problem_mean((r.problem_id, r.small_tokens) for r in rs),
                 ipt=ipt(acc, large),
                 wall_s=sum(r.seconds for r in rs),
-                compute_flops=compute_flops(
-                    large_params,
-                    sum(r.large_tokens for r in rs),
-                    small_params,
-                    sum(r.small_tokens for r in rs),
+                compute_flops=_with_context(
+                    compute_flops(
+                        large_params,
+                        sum(r.large_tokens for r in rs),
+                        small_params,
+                        sum(r.small_tokens for r in rs),
+                    ),
+                    rs,
+                    large_shape,
+                    small_shape,
                 ),
                 signal_incomplete=_incomplete(rs),
                 large_call_rate=_call_rate(rs),
@@ -291,12 +313,41 @@ def load_results_dir(out_dir: str | Path) -> tuple[dict[str, Any], list[SampleRe
     return read_run(out_dir), read_records(out_dir / RECORDS_FILE)
 
 
+def _with_context(
+    flops: float | None,
+    records: list[SampleRecord],
+    large_shape: tuple[int, int] | None,
+    small_shape: tuple[int, int] | None,
+) -> float | None:
+    """`compute_flops` plus each model's context term (`context_flops`), where its shape is known."""
+    if flops is None:
+        return None
+    if large_shape is not None:
+        flops += sum(context_flops(*large_shape, r.large_prompt_tokens, r.large_tokens) for r in records)
+    if small_shape is not None:
+        flops += sum(context_flops(*small_shape, r.small_prompt_tokens, r.small_tokens) for r in records)
+    return flops
+
+
 def _params(run: dict[str, Any], role: str) -> int | None:
     return (run.get("models", {}).get(role) or {}).get("params")
 
 
+def _shape(run: dict[str, Any], role: str) -> tuple[int, int] | None:
+    model = run.get("models", {}).get(role) or {}
+    if model.get("layers") and model.get("attn_dim"):
+        return int(model["layers"]), int(model["attn_dim"])
+    return None
+
+
 def metrics_of(run: dict[str, Any], records: list[SampleRecord]) -> list[MethodMetrics]:
-    return aggregate([*records, *oracle_route(records)], _params(run, "large"), _params(run, "small"))
+    return aggregate(
+        [*records, *oracle_route(records)],
+        _params(run, "large"),
+        _params(run, "small"),
+        _shape(run, "large"),
+        _shape(run, "small"),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
