@@ -1443,3 +1443,61 @@ def test_a_cascade_with_a_remote_small_reads_its_log_probs(small_cli_url, engine
     assert duet["confidence"] == pytest.approx(expected.confidence, abs=1e-4)
     assert duet["large_called"] == expected.large_called
     assert r.choices[0].message.content == expected.answer
+
+
+def test_large_fallback_small_when_the_upstream_is_killed_mid_request(tiny_dir, engines):
+    """M behind a `--role large` process that is SIGKILLed while a request waits on it (frozen with
+    SIGSTOP first, so the request is surely in flight there): with `--large-fallback small` the
+    admitted request still gets m's answer alone (200, `fallback: error`), not a broken connection."""
+    import signal as signals
+
+    cmd = [sys.executable, "-m", "duetlm.cli", "serve", "--role", "large", "--large", str(tiny_dir)]
+    cmd += ["--port", "0", "--device", "cpu", "--max-signal-tokens", "900"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    found: list[str] = []
+    log: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            log.append(line)
+            m = re.search(r"running on (http://\S+)", line)
+            if m:
+                found.append(m.group(1))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not found and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert found, "the role-large server did not start"
+    remote = RemoteEngine(found[0], max_retries=0, api_key="")
+    cfg = ServeConfig(
+        large_url=found[0],
+        small="m",
+        max_answer_tokens=ANSWER_TOKENS,
+        max_signal_tokens=900,
+        large_fallback="small",
+    )
+    server = start(cfg, remote, engines[1])
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        ask_once = dict(model="duet", messages=[{"role": "user", "content": Q}], temperature=0.0)
+        assert "fallback" not in c.chat.completions.create(**ask_once).model_extra["duet"]  # M is up
+        # Freeze M, so the next request is in flight at M (sent, unanswered) when it is killed.
+        proc.send_signal(signals.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(c.chat.completions.create, **ask_once)
+            time.sleep(1.0)
+            assert not future.done()
+            proc.send_signal(signals.SIGKILL)
+            r = future.result(timeout=120)
+    finally:
+        server.__exit__()
+        proc.kill()
+        proc.wait()
+    assert r.model_extra["duet"]["fallback"] == "error"
+    alone = DuetPipeline(
+        engines[0], engines[1], small_sampling=SamplingParams(temperature=0.0, max_new_tokens=ANSWER_TOKENS)
+    )
+    assert r.choices[0].message.content == alone.small_only([Q])[0].answer
+    assert r.usage.model_extra["large"]["completion_tokens"] == 0

@@ -151,7 +151,11 @@ def train(
         gpu = None if gpu_memory is None else gpu_memory * 1e9
         accelerator = True if gpu is not None else None
         report = estimate(
-            cfg, world=world, gpu_memory=gpu, accelerator=accelerator, max_prompt_tokens=max_prompt_tokens
+            cfg,
+            world=world,
+            gpu_memory=gpu,
+            accelerator=accelerator,
+            max_prompt_tokens=max_prompt_tokens or cfg.rollout.max_prompt_tokens or 1024,
         )
         if preflight:
             if _is_rank0():
