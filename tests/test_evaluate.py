@@ -383,6 +383,8 @@ def test_resume_after_kill_skips_finished_samples(tmp_path, full_run, tiny_dir, 
     assert again.returncode == 0 and "0 samples generated" in again.stdout
     bad = duetlm(*eval_args(tiny_dir, tiny_llama_dir, problem_file, out, "--seed", "4"))
     assert bad.returncode == 1 and "seed=3, not 4" in bad.stderr
+    other = duetlm(*eval_args(tiny_dir, tiny_llama_dir, problem_file, out, "--large-top-k", "3"))
+    assert other.returncode == 1 and "large_top_k" in other.stderr
 
 
 def test_report_renders_and_compares(tmp_path, full_run):
@@ -480,3 +482,33 @@ def test_eval_smollm2_on_champ_and_gsm8k(tmp_path):
 def test_report_of_a_directory_without_records(tmp_path):
     r = duetlm("report", str(tmp_path))
     assert r.returncode == 1 and "not a `duetlm eval` output directory" in r.stderr
+
+
+def test_each_model_samples_with_its_own_options(tiny_engine, tiny_small_engine):
+    """Qwen3's recommended sampling differs for M (thinking) and m: `--large-*` / `--small-*`
+    override the shared `--temperature` / `--top-p` / `--top-k` per model."""
+    from duetlm.evaluate import eval_pipeline, make_config
+
+    shared = make_config(
+        large="M", small="m", benchmarks=["b"], methods=["duet"], output="o", temperature=0.7, top_k=5
+    )
+    pipe = eval_pipeline(shared, tiny_engine, tiny_small_engine)
+    assert (pipe.large_sampling.temperature, pipe.large_sampling.top_k) == (0.7, 5)
+    assert (pipe.small_sampling.temperature, pipe.small_sampling.top_k) == (0.7, 5)
+    own = shared.model_copy(
+        update={"large_temperature": 0.6, "large_top_p": 0.95, "large_top_k": 20, "small_temperature": 0.0}
+    )
+    pipe = eval_pipeline(own, tiny_engine, tiny_small_engine)
+    large, small = pipe.large_sampling, pipe.small_sampling
+    assert (large.temperature, large.top_p, large.top_k, large.max_new_tokens) == (
+        0.6,
+        0.95,
+        20,
+        own.max_signal_tokens,
+    )
+    assert (small.temperature, small.top_p, small.top_k, small.max_new_tokens) == (
+        0.0,
+        1.0,
+        5,
+        own.max_answer_tokens,
+    )

@@ -185,6 +185,19 @@ class EvalConfig(Strict):
     samples: int = Field(1, ge=1, description="samples per problem and method (pass@1 over them)")
     temperature: float = Field(0.0, ge=0.0, description="sampling temperature of both models; 0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of both models")
+    top_k: int = Field(0, ge=0, description="top-k sampling of both models (0: off)")
+    # Per-model sampling (Qwen3's recommended settings differ for thinking and answering): each
+    # overrides the shared option above for one model.
+    large_temperature: float | None = Field(
+        None, ge=0.0, description="M's temperature (default: --temperature)"
+    )
+    large_top_p: float | None = Field(None, gt=0.0, le=1.0, description="M's top-p (default: --top-p)")
+    large_top_k: int | None = Field(None, ge=0, description="M's top-k (default: --top-k)")
+    small_temperature: float | None = Field(
+        None, ge=0.0, description="m's temperature (default: --temperature)"
+    )
+    small_top_p: float | None = Field(None, gt=0.0, le=1.0, description="m's top-p (default: --top-p)")
+    small_top_k: int | None = Field(None, ge=0, description="m's top-k (default: --top-k)")
     output: str = Field(description="output directory (created; an existing one is resumed)")
     limit: int | None = Field(None, ge=1, description="first K problems of each benchmark")
     data_dir: str | None = Field(None, description="folder of local benchmark files (offline mirror)")
@@ -250,6 +263,13 @@ _RESUME_KEYS = (
     "small_engine",
     "temperature",
     "top_p",
+    "top_k",
+    "large_temperature",
+    "large_top_p",
+    "large_top_k",
+    "small_temperature",
+    "small_top_p",
+    "small_top_k",
     "max_signal_tokens",
     "max_answer_tokens",
     "seed",
@@ -453,16 +473,23 @@ def check_unique_ids(problems: dict[str, list[Problem]]) -> None:
 
 def eval_pipeline(cfg: EvalConfig, large_engine: Engine, small_engine: Engine | None) -> DuetPipeline:
     """The pipeline every method of an evaluation runs on: M thinks for `max_signal_tokens`, the
-    answer (m's or M's own) takes `max_answer_tokens`, both sampled alike."""
+    answer (m's or M's own) takes `max_answer_tokens`; each model sampled with its own options where
+    given (`large_*`, `small_*`), else the shared ones."""
+
+    def own(role: str, cap: int) -> SamplingParams:
+        def pick(name: str) -> Any:
+            value = getattr(cfg, f"{role}_{name}")
+            return getattr(cfg, name) if value is None else value
+
+        return SamplingParams(
+            temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), max_new_tokens=cap
+        )
+
     return DuetPipeline(
         large_engine,
         small_engine or large_engine,  # never used by methods that do not need m
-        large_sampling=SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_signal_tokens
-        ),
-        small_sampling=SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_answer_tokens
-        ),
+        large_sampling=own("large", cfg.max_signal_tokens),
+        small_sampling=own("small", cfg.max_answer_tokens),
     )
 
 
