@@ -437,7 +437,7 @@ def async_server(tiny_pair):
         dtype="float32",
         max_signal_tokens=24,
         max_answer_tokens=24,
-        max_tokens_limit=400,
+        max_tokens_limit=480,
         vllm_max_model_len=512,
     )
     service = build_service(cfg)
@@ -492,12 +492,14 @@ def test_async_vllm_aborts_a_request_whose_client_left(async_server):
     import httpx
 
     url, service = async_server
+    # m alone, its end-of-sequence tokens banned: 460 engine steps, which a client that leaves after
+    # its first chunks cannot wait for (an M signal may end at any </think>, too soon to be cut)
     body = {
-        "model": "duet",
+        "model": "duet:small",
         "messages": [{"role": "user", "content": "Count."}],
-        "max_signal_tokens": 380,
-        "max_tokens": 4,
+        "max_tokens": 460,
         "temperature": 1.0,
+        "logit_bias": {"0": -100, "1": -100, "2": -100},
         "stream": True,
     }
     aborted = service.large.aborted
@@ -507,7 +509,9 @@ def test_async_vllm_aborts_a_request_whose_client_left(async_server):
             next(lines)
     processor = service.large.engine.output_processor
     deadline = time.monotonic() + 20
-    while processor.get_num_unfinished_requests() and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (
+        processor.get_num_unfinished_requests() or service.large.aborted == aborted
+    ):
         time.sleep(0.05)
     assert processor.get_num_unfinished_requests() == 0
     assert service.large.aborted == aborted + 1  # cancelled while vLLM generated, not finished
