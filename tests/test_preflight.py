@@ -145,3 +145,44 @@ def test_cli_preflight_refuses_the_paper_config_on_one_80gb_gpu_and_names_the_fi
     ok = CliRunner().invoke(app, [*base, "--set", "large.lora=true", "--set", "rollout.engine_batch_size=2"])
     assert ok.exit_code == 0, ok.output
     assert "LoRA adapter weights" in ok.output and "frozen reference" not in ok.output
+
+
+def test_train_runs_the_preflight_first_on_a_gpu_and_an_unreadable_config_only_warns(
+    tmp_path, tiny_dir, tiny_llama_dir, monkeypatch
+):
+    """Where CUDA is present `duetlm train` runs the preflight before loading anything (here the
+    probe is made to say so; the tiny models then train on CPU, where nothing is capped); a model it
+    cannot read (a .gguf file) is a warning there, while `--preflight` itself fails on it."""
+    import yaml
+
+    import duetlm.cli as cli
+    from conftest import arithmetic_problems, tiny_train_config
+    from duetlm.train import preflight
+
+    calls = []
+    real = preflight.estimate
+    monkeypatch.setattr(cli, "_has_cuda", lambda: True)
+    monkeypatch.setattr(preflight, "estimate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import json
+
+    problems = tmp_path / "problems.jsonl"
+    rows = [{"id": p.id, "question": p.question, "answer": p.answer} for p in arithmetic_problems(4)]
+    problems.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = tiny_train_config(
+        tmp_path, tiny_dir, tiny_llama_dir, {"data": {"source": str(problems)}}, run={"steps": 1}
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    r = CliRunner().invoke(app, ["train", "--config", str(path)])
+    assert r.exit_code == 0, r.output
+    assert calls == [1] and "step 1/1" in r.output
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not a model")
+    r = CliRunner().invoke(
+        app, ["train", "--config", str(path), "--set", f"large.path={gguf}", "--preflight"]
+    )
+    assert r.exit_code == 1 and "preflight: cannot read the config" in r.output
+    r = CliRunner().invoke(app, ["train", "--config", str(path), "--set", f"large.path={gguf}"])
+    assert (
+        "warning: preflight skipped: preflight: cannot read the config" in r.output
+    )  # then training's own error

@@ -146,28 +146,43 @@ def train(
     cfg = load_config(TrainConfig, config, set_)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     if preflight or _has_cuda():
-        from duetlm.train.preflight import check, estimate
-
-        gpu = None if gpu_memory is None else gpu_memory * 1e9
-        accelerator = True if gpu is not None else None
-        report = estimate(
-            cfg,
-            world=world,
-            gpu_memory=gpu,
-            accelerator=accelerator,
-            max_prompt_tokens=max_prompt_tokens or cfg.rollout.max_prompt_tokens or 1024,
-        )
+        _preflight(cfg, world, gpu_memory, max_prompt_tokens, show=preflight)
         if preflight:
-            if _is_rank0():
-                typer.echo(report.table())
-            check(report, cfg, world)  # a config that does not fit exits 1 with the fixes
             return
-        check(report, cfg, world)
     result = run_training(cfg, resume=resume, run_dir=run_dir)
     if _is_rank0():
         typer.echo(f"step {result.step}/{cfg.run.steps}; checkpoint {result.checkpoint}")
     if result.stop_signum is not None:
         raise typer.Exit(128 + result.stop_signum)
+
+
+def _preflight(
+    cfg: Any, world: int, gpu_memory: float | None, max_prompt_tokens: int | None, show: bool
+) -> None:
+    """`duetlm train`'s preflight: with `show` (--preflight) the table, and any failure is the
+    command's; run by itself before training on a GPU, a config it cannot read (a .gguf model, a hub
+    id offline) is a warning, not a refusal: training itself reads the models."""
+    from duetlm.errors import DuetError
+    from duetlm.train.preflight import check, estimate
+
+    gpu = None if gpu_memory is None else gpu_memory * 1e9
+    try:
+        report = estimate(
+            cfg,
+            world=world,
+            gpu_memory=gpu,
+            accelerator=True if gpu is not None else None,
+            max_prompt_tokens=max_prompt_tokens or cfg.rollout.max_prompt_tokens or 1024,
+        )
+    except DuetError as err:
+        if show:
+            raise
+        if _is_rank0():
+            typer.echo(f"warning: preflight skipped: {err}", err=True)
+        return
+    if show and _is_rank0():
+        typer.echo(report.table())
+    check(report, cfg, world)  # a config that does not fit exits 1 with the fixes
 
 
 @app.command("init-tiny")
