@@ -147,3 +147,38 @@ def make_pipeline(tiny_engine, tiny_small_engine):
         )
 
     return make
+
+
+def start_cli_server(args: list[str], timeout: float = 240.0, env: dict[str, str] | None = None):
+    """`python -m duetlm.cli serve ARGS --port 0` in its own process: (process, its URL read from
+    uvicorn's start-up line, the stderr lines so far, kept up to date). Fails the test if it does not
+    start."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    cmd = [sys.executable, "-m", "duetlm.cli", "serve", *args, "--port", "0"]
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+    )
+    found: list[str] = []
+    log: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            log.append(line)
+            m = re.search(r"running on (http://\S+)", line)
+            if m:
+                found.append(m.group(1))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not found:
+        proc.kill()
+        pytest.fail(f"duetlm serve {' '.join(args)} did not start:\n" + "".join(log))
+    return proc, found[0], log

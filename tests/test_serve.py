@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from conftest import start_cli_server
 from duetlm import protocol
 from duetlm.cli import app as cli_app
 from duetlm.engines.base import SamplingParams
@@ -550,29 +551,12 @@ def test_unparseable_and_oversized_bodies(duet_url, client):
 # -- two servers: M behind `duetlm serve --role large`, m local in a duet server ------------------------
 
 
-def cli_server(args: list[str], what: str):
-    """`duetlm serve ARGS` in its own process, on a free port read from uvicorn's log: yields the URL."""
-    cmd = [sys.executable, "-m", "duetlm.cli", "serve", *args, "--port", "0", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    found: list[str] = []
-    log: list[str] = []
-
-    def read() -> None:
-        for line in proc.stderr:
-            log.append(line)
-            m = re.search(r"running on (http://\S+)", line)
-            if m:
-                found.append(m.group(1))
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not found and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not found:
-        proc.kill()
-        pytest.fail(f"duetlm serve {what} did not start:\n" + "".join(log))
-    yield found[0]
+def cli_server(args: list[str]):
+    """`duetlm serve ARGS` in its own process (`conftest.start_cli_server`): yields the URL."""
+    proc, url, _ = start_cli_server(
+        [*args, "--device", "cpu"], 120, {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    )
+    yield url
     proc.terminate()
     try:
         proc.wait(timeout=30)
@@ -585,14 +569,14 @@ def cli_server(args: list[str], what: str):
 def large_cli_url(tiny_dir):
     """`duetlm serve --role large` in its own process."""
     args = ["--role", "large", "--large", str(tiny_dir), "--max-signal-tokens", str(SIGNAL_TOKENS)]
-    yield from cli_server(args, "--role large")
+    yield from cli_server(args)
 
 
 @pytest.fixture(scope="module")
 def small_cli_url(tiny_llama_dir):
     """`duetlm serve --role small` (m alone) in its own process."""
     args = ["--role", "small", "--small", str(tiny_llama_dir), "--max-answer-tokens", str(ANSWER_TOKENS)]
-    yield from cli_server(args, "--role small")
+    yield from cli_server(args)
 
 
 def test_role_large_serves_m_thinking(large_cli_url, local):
@@ -1451,28 +1435,11 @@ def test_large_fallback_small_when_the_upstream_is_killed_mid_request(tiny_dir, 
     admitted request still gets m's answer alone (200, `fallback: error`), not a broken connection."""
     import signal as signals
 
-    cmd = [sys.executable, "-m", "duetlm.cli", "serve", "--role", "large", "--large", str(tiny_dir)]
-    cmd += ["--port", "0", "--device", "cpu", "--max-signal-tokens", "900"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    found: list[str] = []
-    log: list[str] = []
-
-    def read() -> None:
-        for line in proc.stderr:
-            log.append(line)
-            m = re.search(r"running on (http://\S+)", line)
-            if m:
-                found.append(m.group(1))
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not found and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert found, "the role-large server did not start"
-    remote = RemoteEngine(found[0], max_retries=0, api_key="")
+    args = ["--role", "large", "--large", str(tiny_dir), "--device", "cpu", "--max-signal-tokens", "900"]
+    proc, url, _ = start_cli_server(args, 120, {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    remote = RemoteEngine(url, max_retries=0, api_key="")
     cfg = ServeConfig(
-        large_url=found[0],
+        large_url=url,
         small="m",
         max_answer_tokens=ANSWER_TOKENS,
         max_signal_tokens=900,

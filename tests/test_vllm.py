@@ -524,53 +524,19 @@ def test_sigterm_leaves_no_vllm_engine_process_behind(tiny_pair, batching):
     """`duetlm serve --engine vllm` exits by the SIGTERM it caught, which runs no finalizer: the
     service shuts its vLLM engines down first, so no engine-core process outlives the server (one
     did, with `--batching window`, before `DuetService.stop` closed its engines)."""
-    import re
     import signal
     import subprocess
-    import sys
-    import threading
     import time
 
     import httpx
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "duetlm.cli",
-        "serve",
-        "--large",
-        str(tiny_pair[0]),
-        "--small",
-        str(tiny_pair[1]),
-    ]
-    cmd += [
-        "--engine",
-        "vllm",
-        "--batching",
-        batching,
-        "--port",
-        "0",
-        "--dtype",
-        "float32",
-        "--max-signal-tokens",
-        "8",
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    found: list[str] = []
-    threading.Thread(
-        target=lambda: [
-            found.append(m.group(1))
-            for line in proc.stderr
-            if (m := re.search(r"running on (http://\S+)", line))
-        ],
-        daemon=True,
-    ).start()
-    deadline = time.monotonic() + 240
-    while not found and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert found, "the server did not start"
+    from conftest import start_cli_server
+
+    args = ["--large", str(tiny_pair[0]), "--small", str(tiny_pair[1]), "--engine", "vllm"]
+    args += ["--batching", batching, "--dtype", "float32", "--max-signal-tokens", "8"]
+    proc, url, _ = start_cli_server(args)
     body = {"model": "duet", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    assert httpx.post(found[0] + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
 
     def children(pid: int) -> set[int]:
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout

@@ -376,6 +376,11 @@ class ObjectiveConfig(Strict):
     thinkprune_every: int = Field(20, ge=1, description="ThinkPrune: steps per stage")
     thinkprune_floor: int = Field(1000, ge=0, description="ThinkPrune: lowest limit")
 
+    @property
+    def uses_reference(self) -> bool:
+        """A frozen reference π_ref is needed: a KL term in M's reward or in its loss."""
+        return self.kl_coef > 0 or self.kl_loss_coef > 0
+
     @model_validator(mode="after")
     def _lambda_range(self) -> ObjectiveConfig:
         if self.lambda_max is not None and self.lambda_init > self.lambda_max:

@@ -87,6 +87,15 @@ class Grammars:
             raise ValueError(f"the JSON schema cannot be compiled: {err}") from None
 
 
+def engine_grammars(engine: Any, vocab: int) -> Grammars:
+    """`engine.grammars`, made (or remade for another logits width) on first use: one compiler, and
+    its cache of compiled schemas, per engine."""
+    grammars = getattr(engine, "grammars", None)
+    if grammars is None or grammars.vocab_size != vocab:
+        grammars = engine.grammars = Grammars(engine.tokenizer, vocab, engine.eos_ids)
+    return grammars
+
+
 def check_controls(engine: Any, sp: SamplingParams) -> None:
     """A ValueError naming the control when `engine` cannot decode with `sp`'s: a `logit_bias` token id
     outside its vocabulary, or a JSON schema xgrammar cannot compile. Engines that hold no tokenizer
@@ -98,9 +107,7 @@ def check_controls(engine: Any, sp: SamplingParams) -> None:
     if bad:
         raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary (size {vocab})")
     if sp.json_schema is not None:
-        grammars = getattr(engine, "grammars", None)
-        if grammars is None or grammars.vocab_size != vocab:
-            grammars = engine.grammars = Grammars(engine.tokenizer, vocab, engine.eos_ids)
+        grammars = engine_grammars(engine, vocab)
         grammars.compiled(sp.json_schema)
 
 

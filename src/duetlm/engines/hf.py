@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from duetlm.engines.base import Generation, SamplingParams, TokenCallback
-from duetlm.engines.controls import Grammars, RowControls, pick
+from duetlm.engines.controls import Grammars, RowControls, engine_grammars, pick
 
 
 @dataclass
@@ -268,9 +268,8 @@ class HFEngine:
         if not sp.adjusts_logits:
             return None
         vocab = self.vocab_size
-        if sp.json_schema is not None and (self.grammars is None or self.grammars.vocab_size != vocab):
-            self.grammars = Grammars(self.tokenizer, vocab, self.eos_ids)
-        return [RowControls(sp, p, vocab, self.device, self.grammars) for p in prompts]
+        grammars = engine_grammars(self, vocab) if sp.json_schema is not None else None
+        return [RowControls(sp, p, vocab, self.device, grammars) for p in prompts]
 
     @staticmethod
     def _pick(

@@ -116,9 +116,12 @@ class DuetService:
     def stages(self) -> list[Stage]:
         return [s for s in (self.large_stage, self.small_stage, self.respond_stage) if s is not None]
 
+    def _engines(self) -> list[Any]:
+        """M's and m's engines, each once (they are one when M and m are the same model)."""
+        return list({id(e): e for e in (self.large, self.small) if e is not None}.values())
+
     def _async_engines(self) -> list[Any]:
-        found = {id(e): e for e in (self.large, self.small) if getattr(e, "name", "") == "vllm-async"}
-        return list(found.values())
+        return [e for e in self._engines() if getattr(e, "name", "") == "vllm-async"]
 
     async def start(self) -> None:
         for engine in self._async_engines():
@@ -136,8 +139,7 @@ class DuetService:
         # Every engine that holds processes or connections (vLLM's engine cores, a remote's client):
         # the server exits by its signal afterwards, which runs no finalizer, so an engine core not
         # shut down here would outlive it.
-        engines = {id(e): e for e in (self.large, self.small) if e is not None and self.own_engines}
-        for engine in engines.values():
+        for engine in self._engines() if self.own_engines else []:
             close = getattr(engine, "close", None)
             if close is not None:
                 close()

@@ -152,8 +152,7 @@ class DuetTrainer:
         for role, _ in self.model_configs():
             trainable = role == "large" or self.schedule.trains_small
             self.policies[role] = build_policy(role, self.cfg, trainable, checkpoint, self.dist)
-        obj = self.cfg.objective
-        if (obj.kl_coef > 0 or obj.kl_loss_coef > 0) and not self.policies["large"].is_lora:
+        if self.cfg.objective.uses_reference and not self.policies["large"].is_lora:
             self.reference = load_reference(self.cfg, self.dist)
         small = self.policies.get("small")
         self.pipeline = DuetPipeline(self.policies["large"].engine, small.engine if small else None)

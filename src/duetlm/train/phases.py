@@ -75,10 +75,14 @@ def large_rollout_config(mode: str, large: SamplingConfig, obj: ObjectiveConfig,
     mode as configured."""
     if not MODES[mode].uses_limit:
         return large
-    limit = objective.thinkprune_limit(
+    return large.model_copy(update={"max_new_tokens": min(large.max_new_tokens, thinkprune_limit(obj, step))})
+
+
+def thinkprune_limit(obj: ObjectiveConfig, step: int) -> int:
+    """ThinkPrune's length limit at `step` (from 1), from the config's schedule."""
+    return objective.thinkprune_limit(
         step - 1, obj.thinkprune_start, obj.thinkprune_step, obj.thinkprune_every, obj.thinkprune_floor
     )
-    return large.model_copy(update={"max_new_tokens": min(large.max_new_tokens, limit)})
 
 
 def rollout(pipe: DuetPipeline, batch: StepBatch, large: SamplingConfig, n: int) -> Rollout:
@@ -254,11 +258,7 @@ def rewards(
         small_reward = grades.guided
     else:
         success = grades.large
-    limit = None
-    if MODES[mode].uses_limit:
-        limit = objective.thinkprune_limit(
-            step - 1, obj.thinkprune_start, obj.thinkprune_step, obj.thinkprune_every, obj.thinkprune_floor
-        )
+    limit = thinkprune_limit(obj, step) if MODES[mode].uses_limit else None
     large_reward = objective.compute_reward(
         mode,
         success=success,

@@ -394,9 +394,7 @@ def estimate(
             shape,
             cfg,
             trained=trained,
-            reference=large
-            and (cfg.objective.kl_coef > 0 or cfg.objective.kl_loss_coef > 0)
-            and not model_cfg.lora,
+            reference=large and cfg.objective.uses_reference and not model_cfg.lora,
             world=world,
             fsdp=fsdp,
             accelerator=accelerator,
